@@ -1,0 +1,60 @@
+# sif - the two commands are `make up` and `make test`; everything installs itself into .venv.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS_DIR ?= .cache/models
+export SIF_MODELS_DIR := $(abspath $(MODELS_DIR))
+# No HF / tokenizers caches under HOME, ever (Lambda has only /tmp; CI has a clean HOME).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HOME := $(abspath .cache/hf)
+export TOKENIZERS_PARALLELISM := false
+export MPLCONFIGDIR := $(abspath .cache/mpl)
+
+.PHONY: up test venv models lint typecheck cfn-lint unit integration e2e package bench deploy clean
+
+$(STAMP): pyproject.toml requirements/runtime.txt requirements/dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first (build and baseline only), so nothing pulls a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements/dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/python -m sif_modelbuild --out $(MODELS_DIR)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy layers/inference/python/sif_inference layers/metering/python/sif_metering shared/sif_shared \
+	  infra/local/sif_local infra/gpu_worker/sif_gpu_worker functions/api/sif_api \
+	  functions/authorizer/sif_authorizer functions/scorer/sif_scorer functions/worker/sif_worker
+
+cfn-lint: $(STAMP)
+	$(BIN)/cfn-lint template.yaml
+
+test: $(STAMP) models cfn-lint lint typecheck
+	$(BIN)/python -m pytest tests
+
+up: $(STAMP) models
+	$(BIN)/sif up
+
+package: $(STAMP)
+	$(BIN)/python -m sif_local.package --out build/package
+
+bench: $(STAMP) models
+	$(BIN)/python -m sif_local.bench --out docs/benchmarks.md
+
+deploy: package
+	sam build && sam deploy --guided
+
+clean:
+	rm -rf build .cache/models .local
