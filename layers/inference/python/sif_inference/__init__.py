@@ -1,0 +1,34 @@
+"""sif inference core: model registry, sessions, tokenization, preprocessing, batching.
+
+Pure compute: numpy and pydantic in and out, no AWS. Where models come from is a
+`ModelSource` the caller supplies (a local folder here, the models bucket in Lambda).
+"""
+
+from sif_inference.embedder import EmbeddingResult, TextEmbedder
+from sif_inference.errors import (
+    ImageDecodeError,
+    InferenceError,
+    InputLimitError,
+    IntegrityError,
+    ModelNotFoundError,
+)
+from sif_inference.images import ImageClassifier
+from sif_inference.manifest import ModelManifest
+from sif_inference.registry import LoadedModel, ModelRegistry
+from sif_inference.sources import LocalDirSource, ModelSource
+
+__all__ = [
+    "EmbeddingResult",
+    "ImageClassifier",
+    "ImageDecodeError",
+    "InferenceError",
+    "InputLimitError",
+    "IntegrityError",
+    "LoadedModel",
+    "LocalDirSource",
+    "ModelManifest",
+    "ModelNotFoundError",
+    "ModelRegistry",
+    "ModelSource",
+    "TextEmbedder",
+]

@@ -1,0 +1,32 @@
+"""`make models`: build every shipped model into the models cache (skips what is up to date)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+from sif_modelbuild import minilm, nsfw
+
+log = logging.getLogger("sif_modelbuild")
+BUILDERS = {minilm.NAME: minilm.build, nsfw.NAME: nsfw.build}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m sif_modelbuild", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("SIF_MODELS_DIR", ".cache/models")))
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--only", choices=sorted(BUILDERS), action="append")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("sif_modelbuild").setLevel(logging.INFO)  # onnxruntime's quantizer is chatty at INFO
+    for name in args.only or sorted(BUILDERS):
+        start = time.perf_counter()
+        out = BUILDERS[name](args.out, force=args.force)
+        log.info("%s ready in %s (%.1fs)", name, out, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Text embeddings: tokenize, length-sorted micro-batches, one session run each, input order out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from sif_inference.batching import length_sorted_batches
+from sif_inference.errors import InputLimitError
+from sif_inference.manifest import ModelManifest
+from sif_inference.tokenization import TextTokenizer
+
+MAX_BATCH_ITEMS = 64
+MAX_BATCH_TOKENS = 64 * 128
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: np.ndarray  # (n, dim) float32, L2-normalised, input order
+    tokens: list[int]  # tokens each input cost, special tokens included
+    truncated: list[bool]
+
+    @property
+    def total_tokens(self) -> int:
+        return int(sum(self.tokens))
+
+
+class TextEmbedder:
+    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, manifest: ModelManifest) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.dim = manifest.output.dim
+        self._input_names = {i.name for i in session.get_inputs()}
+        self._output = manifest.output.name or session.get_outputs()[0].name
+
+    def check_limits(self, texts: list[str], *, max_inputs: int | None = None) -> None:
+        limits = self.manifest.limits
+        cap = max_inputs or limits.max_inputs
+        if len(texts) > cap:
+            raise InputLimitError(f"{len(texts)} inputs; {self.manifest.name} takes at most {cap} per call")
+        if limits.max_text_chars is not None:
+            for i, text in enumerate(texts):
+                if len(text) > limits.max_text_chars:
+                    raise InputLimitError(f"input {i} has {len(text)} characters; the limit is {limits.max_text_chars}")
+
+    def embed(self, texts: list[str]) -> EmbeddingResult:
+        """Embed any number of texts (callers enforce per-call limits with check_limits)."""
+        if not texts:
+            return EmbeddingResult(np.zeros((0, self.dim), dtype=np.float32), [], [])
+        encodings = self.tokenizer.encode(texts)
+        lengths = [len(e.ids) for e in encodings]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for idx in length_sorted_batches(lengths, max_items=MAX_BATCH_ITEMS, max_tokens=MAX_BATCH_TOKENS):
+            batch = self.tokenizer.pad([encodings[i] for i in idx])
+            feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            if "token_type_ids" in self._input_names:
+                feed["token_type_ids"] = batch.token_type_ids
+            (vectors,) = self.session.run([self._output], feed)
+            out[idx] = vectors
+        return EmbeddingResult(
+            vectors=out,
+            tokens=lengths,
+            truncated=[self.tokenizer.was_truncated(e) for e in encodings],
+        )

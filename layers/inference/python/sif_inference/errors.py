@@ -1,0 +1,25 @@
+"""Errors the inference core raises; callers map them to HTTP statuses or row errors."""
+
+
+class InferenceError(Exception):
+    """Base class of every error the core raises on purpose."""
+
+
+class ModelNotFoundError(InferenceError):
+    """No such model (or version, or variant) in the source."""
+
+
+class IntegrityError(InferenceError):
+    """A model file's sha256 does not match its manifest: it is never served."""
+
+
+class InputLimitError(InferenceError):
+    """An input is over a model limit (count, size, pixels)."""
+
+
+class ImageDecodeError(InferenceError):
+    """Bytes that are not a decodable image, or a decompression bomb."""
+
+
+class WrongTaskError(InferenceError):
+    """A model used for a task it does not do (an image model asked for embeddings)."""

@@ -1,0 +1,112 @@
+"""ModelRegistry: manifests, sha256-verified files, one session per model variant per process."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from sif_inference.embedder import TextEmbedder
+from sif_inference.errors import IntegrityError, ModelNotFoundError, WrongTaskError
+from sif_inference.images import ImageClassifier
+from sif_inference.integrity import manifest_entry, require_sha256
+from sif_inference.manifest import ModelManifest
+from sif_inference.sessions import build_session
+from sif_inference.sources import ModelSource
+from sif_inference.tokenization import TextTokenizer
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    manifest: ModelManifest
+    variant: str
+    session: ort.InferenceSession
+    embedder: TextEmbedder | None = None
+    classifier: ImageClassifier | None = None
+
+
+class ModelRegistry:
+    """Loads models from a ModelSource into `cache_dir`, verifying every file before use.
+
+    Files are read into memory once, hashed, and the session is built from those same
+    bytes, so what is served is exactly what was verified.
+    """
+
+    def __init__(self, source: ModelSource, cache_dir: Path, *, threads: int | None = None) -> None:
+        self.source = source
+        self.cache_dir = Path(cache_dir)
+        self.threads = threads
+        self._manifests: dict[str, ModelManifest] = {}
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return self.source.list_models()
+
+    def manifest(self, name: str) -> ModelManifest:
+        cached = self._manifests.get(name)
+        if cached is None:
+            version = self.source.latest_version(name)
+            cached = self.source.read_manifest(name, version)
+            self._manifests[name] = cached
+        return cached
+
+    def manifests(self) -> list[ModelManifest]:
+        return [self.manifest(n) for n in self.names()]
+
+    def get(self, name: str, variant: str | None = None) -> LoadedModel:
+        manifest = self.manifest(name)
+        chosen = variant or manifest.default_variant
+        key = (name, chosen)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                loaded = self._load(manifest, chosen)
+                self._loaded[key] = loaded
+        return loaded
+
+    def embedder(self, name: str, variant: str | None = None) -> TextEmbedder:
+        model = self.get(name, variant)
+        if model.embedder is None:
+            raise WrongTaskError(f"model {name!r} does {model.manifest.task}, not embedding")
+        return model.embedder
+
+    def classifier(self, name: str) -> ImageClassifier:
+        model = self.get(name)
+        if model.classifier is None:
+            raise WrongTaskError(f"model {name!r} does {model.manifest.task}, not image-classification")
+        return model.classifier
+
+    def read_verified(self, manifest: ModelManifest, filename: str) -> bytes:
+        """Fetch (if not cached) and return a file's bytes, only if its sha256 matches the manifest."""
+        manifest_entry(manifest, filename)
+        path = self.cache_dir / manifest.name / manifest.version / filename
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(path.suffix + ".part")
+            self.source.fetch(manifest.name, manifest.version, filename, partial)
+            partial.replace(path)
+        data = path.read_bytes()
+        try:
+            require_sha256(manifest, filename, data)
+        except IntegrityError:
+            path.unlink(missing_ok=True)  # a corrupt cache entry must not survive to the next try
+            raise
+        return data
+
+    def _load(self, manifest: ModelManifest, variant: str) -> LoadedModel:
+        graph = self.read_verified(manifest, manifest.variant_file(variant))
+        session = build_session(graph, threads=self.threads)
+        if manifest.task == "embedding":
+            if manifest.tokenizer is None:
+                raise ModelNotFoundError(f"{manifest.name}: embedding model without a tokenizer")
+            tok = TextTokenizer.from_bytes(
+                self.read_verified(manifest, manifest.tokenizer.file), manifest.tokenizer.max_length
+            )
+            return LoadedModel(manifest, variant, session, embedder=TextEmbedder(session, tok, manifest))
+        return LoadedModel(manifest, variant, session, classifier=ImageClassifier(session, manifest))
