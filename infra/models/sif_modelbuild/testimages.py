@@ -30,7 +30,7 @@ def make_test_images(seed: int = 7) -> list[tuple[str, bytes]]:
     images.append(("skin_tone.jpg", _encode(Image.fromarray(skin), "JPEG")))
     shapes = Image.new("RGB", (640, 480), (30, 90, 160))
     draw = ImageDraw.Draw(shapes)
-    for i in range(12):
+    for _ in range(12):
         x0, y0 = int(rng.integers(0, 560)), int(rng.integers(0, 400))
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         draw.ellipse((x0, y0, x0 + 80, y0 + 80), fill=color)
