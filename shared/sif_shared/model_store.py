@@ -1,0 +1,53 @@
+"""The models bucket as a ModelSource: models/{name}/{version}/{file}, with manifest.json beside the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sif_inference.errors import ModelNotFoundError
+from sif_inference.manifest import ModelManifest
+from sif_inference.registry import ModelRegistry
+from sif_inference.sources import MANIFEST_FILE, version_key
+from sif_shared.settings import Settings
+
+PREFIX = "models/"
+
+
+class S3ModelSource:
+    def __init__(self, s3: Any, bucket: str, prefix: str = PREFIX) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def _list(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return names
+
+    def list_models(self) -> list[str]:
+        return sorted(self._list(self.prefix))
+
+    def latest_version(self, name: str) -> str:
+        versions = self._list(f"{self.prefix}{name}/")
+        if not versions:
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        return max(versions, key=version_key)
+
+    def read_manifest(self, name: str, version: str) -> ModelManifest:
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}{name}/{version}/{MANIFEST_FILE}")
+        except self.s3.exceptions.NoSuchKey as exc:
+            raise ModelNotFoundError(f"unknown model {name!r} version {version!r}") from exc
+        return ModelManifest.model_validate(json.loads(obj["Body"].read()))
+
+    def fetch(self, name: str, version: str, filename: str, dest: Path) -> None:
+        self.s3.download_file(self.bucket, f"{self.prefix}{name}/{version}/{filename}", str(dest))
+
+
+def registry_from_settings(settings: Settings) -> ModelRegistry:
+    from sif_shared.aws import client
+
+    return ModelRegistry(S3ModelSource(client("s3"), settings.models_bucket), settings.model_cache_dir)
