@@ -1,0 +1,754 @@
+"""`make package`: Lambda-ready layers, function folders and deterministic zips.
+
+The runtime layer is built for the Lambda runtime (CPython 3.12 on manylinux, x86_64 or
+arm64), not for the interpreter running this script: pip fetches the target's wheels with
+``--platform/--python-version/--only-binary``. It is then trimmed to what the functions
+need at run time:
+
+* distributions the Lambda runtime already provides (boto3, botocore, s3transfer), those
+  never used at run time (see ``NOT_NEEDED_AT_RUNTIME``) and everything only they pulled
+  in are removed, file by file from their ``RECORD``;
+* files no import needs (bytecode built by this machine's interpreter, tests, type stubs,
+  C headers and static libraries, console scripts, onnxruntime's offline tools) go too.
+
+Output under ``--out`` (default ``build/package``)::
+
+    layers/runtime/python/      third-party runtime (onnxruntime, tokenizers, numpy, ...)
+    layers/inference/python/    sif_inference + sif_shared
+    layers/metering/python/     sif_metering
+    functions/<name>/           each function's own package(s)
+    zips/layer-<name>.zip, zips/function-<name>.zip
+    sizes.json                  the sizes printed in the table
+
+Every function is counted with all three layers; the build fails (exit 1) when a function
+plus its layers exceeds ``--limit-mib`` unzipped (Lambda's hard limit is 250 MiB).
+Models are not bundled: the functions load them from the models bucket at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+MIB = 1024 * 1024
+DEFAULT_LIMIT_MIB = 150.0
+LAMBDA_PYTHON = "3.12"
+
+PLATFORMS: dict[str, tuple[str, ...]] = {
+    "x86_64": ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"),
+    "arm64": ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64"),
+}
+MACHINES = {"x86_64": "x86_64", "arm64": "aarch64"}
+
+# Distributions removed from the runtime layer, with the reason shown in the report.
+LAMBDA_PROVIDED: dict[str, str] = {
+    name: "provided by the Lambda runtime" for name in ("boto3", "botocore", "s3transfer")
+}
+NOT_NEEDED_AT_RUNTIME: dict[str, str] = {
+    # tokenizers needs it only for Tokenizer.from_pretrained (a hub download); the
+    # inference core loads tokenizer.json from the models bucket with Tokenizer.from_file.
+    "huggingface-hub": "hub downloads only (Tokenizer.from_pretrained)",
+    # Only onnxruntime's offline tools (quantization, transformers, tools) import these;
+    # InferenceSession does not, and those subpackages are trimmed below.
+    "protobuf": "onnxruntime offline tools only",
+    "flatbuffers": "onnxruntime offline tools only",
+}
+
+# File-level trimming of the runtime layer, all relative to its python/ folder.
+TRIM_DIR_NAMES = frozenset({"__pycache__", "tests"})
+TRIM_SUFFIXES = (".pyc", ".pyo", ".pyi")
+TRIM_PATHS = (
+    "bin",  # console scripts (f2py, numpy-config, ...)
+    "numpy/_core/include",  # C headers for building extensions
+    "numpy/_core/lib",  # libnpymath.a, pkg-config files
+    "numpy/f2py",  # Fortran wrapper generator
+    "numpy/_pyinstaller",  # PyInstaller hooks
+    "onnxruntime/tools",  # model conversion / ORT-format tools
+    "onnxruntime/transformers",  # graph optimisation and benchmarking scripts
+    "onnxruntime/quantization",  # offline quantization (done by `make models`)
+    "onnxruntime/datasets",  # sample models for the docs
+    "onnxruntime/backend",  # ONNX backend-test API (needs the onnx package)
+)
+
+# onnxruntime's C-API library: the Python extension statically contains the runtime and
+# does not load it (C/C++ consumers and plugin execution providers do). Removed only
+# when the extension does not name it, so a wheel that links it dynamically keeps it.
+ORT_CAPI_DIR = "onnxruntime/capi"
+ORT_C_LIBRARY = "libonnxruntime.so"
+ORT_EXTENSION_GLOB = "onnxruntime_pybind11_state*.so"
+
+JUNK_DIR_NAMES = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
+JUNK_SUFFIXES = (".pyc", ".pyo")
+
+# Layers and functions: artifact name -> source folders copied into it.
+LAYER_SOURCES: dict[str, tuple[str, ...]] = {
+    "inference": ("layers/inference/python/sif_inference", "shared/sif_shared"),
+    "metering": ("layers/metering/python/sif_metering",),
+}
+FUNCTIONS = ("api", "authorizer", "scorer", "worker")
+LAYERS = ("runtime", "inference", "metering")
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class PackageError(RuntimeError):
+    """A build step failed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+@dataclass
+class Distribution:
+    """One installed distribution in a --target tree, read from its .dist-info."""
+
+    name: str  # canonical
+    version: str
+    dist_info: Path
+    requires: list[Requirement]
+    files: list[Path]  # relative to the tree root, inside it, dist-info included
+
+    def size(self, root: Path) -> int:
+        return sum(_file_size(root / f) for f in self.files)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.lstat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
+
+
+def _read_metadata(dist_info: Path) -> tuple[str, str, list[Requirement]]:
+    name = version = ""
+    requires: list[Requirement] = []
+    for line in (dist_info / "METADATA").read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            break  # end of the headers; the long description follows
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "Name":
+            name = value
+        elif key == "Version":
+            version = value
+        elif key == "Requires-Dist":
+            requires.append(Requirement(value))
+    return canonicalize_name(name), version, requires
+
+
+def _read_record(root: Path, dist_info: Path) -> list[Path]:
+    files = {p.relative_to(root) for p in dist_info.rglob("*") if p.is_file()}
+    record = dist_info / "RECORD"
+    if record.exists():
+        for row in csv.reader(record.read_text(encoding="utf-8").splitlines()):
+            if not row or not row[0] or row[0].startswith(("/", "..")):
+                continue  # console scripts land outside site-packages; bin/ is trimmed
+            files.add(Path(row[0]))
+    return sorted(files)
+
+
+def read_distributions(root: Path) -> dict[str, Distribution]:
+    """Every distribution installed in ``root`` (a pip --target tree), by canonical name."""
+    dists: dict[str, Distribution] = {}
+    for dist_info in sorted(root.glob("*.dist-info")):
+        if not (dist_info / "METADATA").exists():
+            continue
+        name, version, requires = _read_metadata(dist_info)
+        dists[name] = Distribution(name, version, dist_info, requires, _read_record(root, dist_info))
+    return dists
+
+
+def target_environment(python_version: str, arch: str) -> dict[str, str]:
+    """PEP 508 marker values of the Lambda runtime (not of this machine)."""
+    return {
+        "python_version": python_version,
+        "python_full_version": f"{python_version}.0",
+        "implementation_name": "cpython",
+        "implementation_version": f"{python_version}.0",
+        "platform_python_implementation": "CPython",
+        "platform_machine": MACHINES[arch],
+        "platform_system": "Linux",
+        "platform_release": "",
+        "platform_version": "",
+        "sys_platform": "linux",
+        "os_name": "posix",
+    }
+
+
+def _applies(marker: Marker | None, env: Mapping[str, str], extras: Iterable[str]) -> bool:
+    if marker is None:
+        return True
+    return any(marker.evaluate({**env, "extra": extra}) for extra in ("", *extras))
+
+
+def read_requirements(path: Path) -> list[Requirement]:
+    """Requirement lines of a requirements file (options and includes are not followed)."""
+    reqs: list[Requirement] = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        try:
+            reqs.append(Requirement(line))
+        except InvalidRequirement as exc:
+            raise PackageError(f"{path}: cannot parse requirement {line!r}: {exc}") from exc
+    return reqs
+
+
+def needed_distributions(
+    dists: Mapping[str, Distribution],
+    roots: Iterable[Requirement],
+    env: Mapping[str, str],
+    excluded: Iterable[str],
+) -> set[str]:
+    """Names reachable from ``roots`` through Requires-Dist, never entering ``excluded``."""
+    skip = {canonicalize_name(n) for n in excluded}
+    needed: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    queue: list[tuple[str, frozenset[str]]] = [
+        (canonicalize_name(r.name), frozenset(r.extras)) for r in roots if _applies(r.marker, env, ())
+    ]
+    while queue:
+        name, extras = queue.pop()
+        if name in skip or name not in dists or (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        needed.add(name)
+        for req in dists[name].requires:
+            if _applies(req.marker, env, extras):
+                queue.append((canonicalize_name(req.name), frozenset(req.extras)))
+    return needed
+
+
+def remove_distribution(root: Path, dist: Distribution) -> None:
+    """Delete a distribution's files (from its RECORD) and its .dist-info."""
+    for rel in dist.files:
+        path = root / rel
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    shutil.rmtree(dist.dist_info, ignore_errors=True)
+    prune_empty_dirs(root)
+
+
+# --------------------------------------------------------------------------- trimming
+
+
+@dataclass
+class Trimmed:
+    """What file-level trimming took out of a tree (paths relative to it)."""
+
+    dirs: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    def drop(self, root: Path, path: Path) -> None:
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            self.bytes += tree_size(path)
+            self.dirs.append(rel)
+            shutil.rmtree(path)
+        else:
+            self.bytes += path.lstat().st_size
+            self.files.append(rel)
+            path.unlink()
+
+
+def trim_tree(root: Path) -> Trimmed:
+    """Remove what no import needs (see TRIM_* and ORT_C_LIBRARY)."""
+    trimmed = Trimmed()
+    for path in onnxruntime_c_library(root):
+        trimmed.drop(root, path)
+    for rel in TRIM_PATHS:
+        if (root / rel).exists():
+            trimmed.drop(root, root / rel)
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for d in [d for d in dirnames if d in TRIM_DIR_NAMES]:
+            trimmed.drop(root, here / d)
+            dirnames.remove(d)
+        for f in filenames:
+            if f.endswith(TRIM_SUFFIXES):
+                trimmed.drop(root, here / f)
+    prune_empty_dirs(root)
+    return trimmed
+
+
+def onnxruntime_c_library(root: Path) -> list[Path]:
+    """libonnxruntime.so* when onnxruntime's Python extension does not reference it."""
+    capi = root / ORT_CAPI_DIR
+    extensions = sorted(capi.glob(ORT_EXTENSION_GLOB))
+    needle = ORT_C_LIBRARY.encode()
+    if not extensions or any(needle in ext.read_bytes() for ext in extensions):
+        return []
+    return sorted(capi.glob(ORT_C_LIBRARY + "*"))
+
+
+def prune_empty_dirs(root: Path) -> None:
+    for dirpath, _dirnames, _filenames in os.walk(root, topdown=False):
+        path = Path(dirpath)
+        if path != root and not any(path.iterdir()):
+            path.rmdir()
+
+
+def copy_package(src: Path, dest: Path) -> None:
+    """Copy a pure-Python package without bytecode and tool caches."""
+    if not (src / "__init__.py").exists():
+        raise PackageError(f"{src} is not a Python package (no __init__.py)")
+    shutil.copytree(
+        src,
+        dest,
+        ignore=shutil.ignore_patterns(*JUNK_DIR_NAMES, *(f"*{s}" for s in JUNK_SUFFIXES)),
+    )
+
+
+# --------------------------------------------------------------------------- zips and sizes
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Regular files under ``root`` (symlinks followed), sorted by relative POSIX path."""
+    found = [p for p in root.rglob("*") if p.is_file()]
+    yield from sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def tree_size(root: Path) -> int:
+    """Unzipped size as Lambda counts it: the sum of the files' sizes."""
+    return sum(p.stat().st_size for p in iter_files(root))
+
+
+def write_zip(root: Path, dest: Path) -> int:
+    """Zip the contents of ``root`` reproducibly; returns the zip's size in bytes.
+
+    Entries are sorted, dated 1980-01-01 and carry only 0644/0755 modes, so the same
+    tree always gives the same bytes.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for path in iter_files(root):
+            info = zipfile.ZipInfo(path.relative_to(root).as_posix(), date_time=ZIP_EPOCH)
+            info.create_system = 3  # Unix, so external_attr holds the mode
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            info.external_attr = (0o100000 | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with path.open("rb") as src, zf.open(info, "w") as out:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+    tmp.replace(dest)
+    return dest.stat().st_size
+
+
+@dataclass
+class Artifact:
+    kind: str  # "layer" or "function"
+    name: str
+    path: Path
+    zip_path: Path
+    unzipped: int = 0
+    zipped: int = 0
+
+
+@dataclass
+class DistributionSize:
+    """A runtime-layer distribution's unzipped bytes as installed and after trimming."""
+
+    version: str
+    before: int
+    after: int = 0
+    removed: str = ""  # why, when the whole distribution was removed
+
+
+@dataclass
+class Report:
+    python_version: str
+    arch: str
+    limit_mib: float
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    distributions: dict[str, DistributionSize] = field(default_factory=dict)
+    trimmed: Trimmed = field(default_factory=Trimmed)
+
+    def layer(self, name: str) -> Artifact:
+        return self.artifacts[f"layer-{name}"]
+
+    def function_totals(self) -> dict[str, dict[str, int]]:
+        """Per function: its own size, each layer's, and the totals Lambda's limit applies to."""
+        layers = [self.layer(n) for n in LAYERS]
+        totals: dict[str, dict[str, int]] = {}
+        for name in FUNCTIONS:
+            fn = self.artifacts[f"function-{name}"]
+            totals[name] = {
+                "unzipped": fn.unzipped,
+                "zipped": fn.zipped,
+                **{f"layer_{layer.name}": layer.unzipped for layer in layers},
+                "total_unzipped": fn.unzipped + sum(layer.unzipped for layer in layers),
+                "total_zipped": fn.zipped + sum(layer.zipped for layer in layers),
+            }
+        return totals
+
+    def over_limit(self) -> list[str]:
+        limit = self.limit_mib * MIB
+        return [n for n, t in self.function_totals().items() if t["total_unzipped"] > limit]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "python_version": self.python_version,
+            "arch": self.arch,
+            "limit_bytes": int(self.limit_mib * MIB),
+            "ok": not self.over_limit(),
+            "layers": {n: {"unzipped": self.layer(n).unzipped, "zipped": self.layer(n).zipped} for n in LAYERS},
+            "functions": {name: {**t, "layers": list(LAYERS)} for name, t in self.function_totals().items()},
+            "runtime_distributions": {n: asdict(d) for n, d in sorted(self.distributions.items())},
+            "trimmed": asdict(self.trimmed),
+        }
+
+
+def mib(n: float) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def format_report(report: Report) -> str:
+    dists = report.distributions
+    lines = [
+        f"runtime layer, python{report.python_version} {report.arch} (MiB unzipped)",
+        f"  {'distribution':<24}{'version':>14}{'before':>9}{'after':>9}",
+    ]
+    for name in sorted(dists, key=lambda n: (-dists[n].before, n)):
+        d = dists[name]
+        after = f"{'-':>9}  removed: {d.removed}" if d.removed else f"{mib(d.after):>9}"
+        lines.append(f"  {name:<24}{d.version:>14}{mib(d.before):>9}{after}")
+    before = sum(d.before for d in dists.values())
+    lines.append(f"  {'total':<24}{'':>14}{mib(before):>9}{mib(report.layer('runtime').unzipped):>9}")
+    t = report.trimmed
+    lines.append(f"  trimmed: {len(t.dirs)} folders and {len(t.files)} files, {mib(t.bytes)} MiB")
+    lines += ["", f"{'artifact':<22}{'unzipped':>10}{'zipped':>10}  (MiB)"]
+    for art in report.artifacts.values():
+        lines.append(f"{art.kind + ' ' + art.name:<22}{mib(art.unzipped):>10}{mib(art.zipped):>10}")
+    lines += [
+        "",
+        f"{'function':<12}{'own':>8}"
+        + "".join(f"{'+' + n:>12}" for n in LAYERS)
+        + f"{'total':>10}{'zipped':>10}  (MiB; target {report.limit_mib:g} unzipped)",
+    ]
+    for name, tot in report.function_totals().items():
+        ok = "ok" if tot["total_unzipped"] <= report.limit_mib * MIB else "OVER"
+        lines.append(
+            f"{name:<12}{mib(tot['unzipped']):>8}"
+            + "".join(f"{mib(tot['layer_' + n]):>12}" for n in LAYERS)
+            + f"{mib(tot['total_unzipped']):>10}{mib(tot['total_zipped']):>10}  {ok}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- smoke check
+
+# What the Lambda runtime itself puts on sys.path (/var/runtime): boto3 and its deps.
+LAMBDA_RUNTIME_MODULES = ("boto3", "botocore", "s3transfer", "dateutil", "six", "urllib3", "jmespath")
+
+# Run by the target interpreter with -I -S -B: nothing but the stdlib, the function, its
+# layers and a stand-in for /var/runtime on sys.path, in Lambda's order.
+SMOKE_SCRIPT = """
+import importlib, importlib.util, io, json, os, sys
+model, runtime_stub, *paths = sys.argv[1:]
+sys.path[:0] = paths
+sys.path.append(runtime_stub)
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+import numpy as np
+import onnxruntime as ort
+sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+x = np.arange(6, dtype=np.float32).reshape(2, 3)
+(y,) = sess.run(None, {"x": x})
+assert np.allclose(y, x.sum(axis=1, keepdims=True) + np.array([1.0, 2.0], np.float32)), y
+from tokenizers import Tokenizer, models, pre_tokenizers
+tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+tok = Tokenizer.from_str(tok.to_str())
+assert tok.encode("hello world !").ids == [1, 2, 0]
+from PIL import Image
+for fmt in ("PNG", "JPEG", "WEBP"):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt)
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    assert img.format == fmt and np.asarray(img.convert("RGB")).shape == (8, 8, 3)
+from pydantic import BaseModel
+class Item(BaseModel):
+    n: int
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.utilities.parser import parse
+from aws_lambda_powertools.utilities.parser.models import SqsModel
+assert parse(event={"n": "3"}, model=Item).n == 3
+Logger(service="smoke"); Metrics(namespace="smoke"); Tracer(service="smoke")
+import aws_xray_sdk.core, jmespath, botocore
+assert botocore.__file__.startswith(runtime_stub), botocore.__file__
+for gone in ("huggingface_hub", "google.protobuf", "flatbuffers"):
+    assert importlib.util.find_spec(gone.split(".")[0]) is None, gone
+ours = [p.name for path in paths for p in os.scandir(path) if p.name.startswith("sif_")]
+for name in ours:
+    importlib.import_module(name)
+print(json.dumps({"python": sys.version.split()[0], "onnxruntime": ort.__version__,
+                  "numpy": np.__version__, "packages": sorted(ours)}))
+"""
+
+
+def write_tiny_model(path: Path) -> Path:
+    """A two-node ONNX graph (y = x @ ones(3, 2) + [1, 2]); needs the dev-only onnx package."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "smoke",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [
+            numpy_helper.from_array(np.ones((3, 2), np.float32), "w"),
+            numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def lambda_runtime_stub(dest: Path) -> Path:
+    """A stand-in for /var/runtime: links to this environment's boto3 and its dependencies."""
+    import importlib
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in LAMBDA_RUNTIME_MODULES:
+        origin = Path(str(importlib.import_module(name).__file__))
+        src = origin.parent if origin.name == "__init__.py" else origin
+        link = dest / src.name
+        if not link.exists():
+            link.symlink_to(src)
+    return dest
+
+
+def smoke_check(out: Path, python: str, workdir: Path) -> dict[str, object]:
+    """Import the built layers with ``python`` as Lambda would, run a session on a tiny
+    model, parse, tokenize, decode images; returns what the script reports."""
+    model = write_tiny_model(workdir / "smoke.onnx")
+    stub = lambda_runtime_stub(workdir / "var-runtime")
+    out = out.resolve()
+    paths = [out / "functions" / name for name in FUNCTIONS]
+    paths += [out / "layers" / layer / "python" for layer in LAYERS]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir), "LANG": "C.UTF-8"}
+    result = subprocess.run(
+        [python, "-I", "-S", "-B", "-c", SMOKE_SCRIPT, str(model), str(stub), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        cwd=workdir,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise PackageError(f"smoke check with {python} failed:\n{result.stderr[-4000:]}")
+    summary: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary
+
+
+# --------------------------------------------------------------------------- build
+
+
+def pip_install_target(requirements: Path, dest: Path, *, python_version: str, arch: str, cache_dir: Path) -> None:
+    """Install the target runtime's wheels (never this interpreter's) into ``dest``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-compile",
+        "--no-input",
+        "--target",
+        str(dest),
+        "--implementation",
+        "cp",
+        "--python-version",
+        python_version,
+        "--only-binary=:all:",
+        "--cache-dir",
+        str(cache_dir),
+        *[arg for p in PLATFORMS[arch] for arg in ("--platform", p)],
+        "-r",
+        str(requirements),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise PackageError(f"pip install for python{python_version} {arch} failed:\n{result.stderr}")
+
+
+def build_runtime_layer(
+    dest: Path, *, requirements: Path, python_version: str, arch: str, cache_dir: Path
+) -> tuple[dict[str, DistributionSize], Trimmed]:
+    """pip-install the target's wheels, drop unneeded distributions, trim files."""
+    pip_install_target(requirements, dest, python_version=python_version, arch=arch, cache_dir=cache_dir)
+    dists = read_distributions(dest)
+    sizes = {name: DistributionSize(d.version, d.size(dest)) for name, d in dists.items()}
+    reasons = {**LAMBDA_PROVIDED, **NOT_NEEDED_AT_RUNTIME}
+    keep = needed_distributions(
+        dists, read_requirements(requirements), target_environment(python_version, arch), reasons
+    )
+    for name, dist in dists.items():
+        if name not in keep:
+            remove_distribution(dest, dist)
+            sizes[name].removed = reasons.get(name, "only needed by removed distributions")
+    trimmed = trim_tree(dest)
+    for name in keep:
+        sizes[name].after = dists[name].size(dest)
+    return sizes, trimmed
+
+
+def interpreter_version(python: str) -> str:
+    result = subprocess.run(
+        [python, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise PackageError(f"cannot run {python}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def precompile(python: str, python_version: str, trees: Iterable[Path]) -> None:
+    """Byte-compile with an interpreter of the target version.
+
+    Layers are read-only in Lambda, so without shipped bytecode every cold start compiles
+    every module it imports again (about 0.3 s for the runtime layer's imports on
+    3.12). ``unchecked-hash`` pycs stay valid although the zips reset every mtime.
+    """
+    found = interpreter_version(python)
+    if found != python_version:
+        raise PackageError(f"{python} is Python {found}; bytecode must come from {python_version}")
+    cmd = [python, "-I", "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash"]
+    result = subprocess.run([*cmd, *map(str, trees)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise PackageError(f"compileall with {python} failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}")
+
+
+def build(
+    out: Path,
+    *,
+    root: Path = REPO_ROOT,
+    python_version: str = LAMBDA_PYTHON,
+    arch: str = "x86_64",
+    cache_dir: Path | None = None,
+    limit_mib: float = DEFAULT_LIMIT_MIB,
+    requirements: Path | None = None,
+    compile_with: str | None = None,
+) -> Report:
+    out = out.resolve()
+    if out == root.resolve() or out in root.resolve().parents or out == Path(out.anchor):
+        raise PackageError(f"refusing to clear {out}: choose a dedicated output folder")
+    if out.exists():
+        shutil.rmtree(out)
+    report = Report(python_version=python_version, arch=arch, limit_mib=limit_mib)
+    zips = out / "zips"
+
+    runtime = out / "layers" / "runtime" / "python"
+    report.distributions, report.trimmed = build_runtime_layer(
+        runtime,
+        requirements=requirements or root / "requirements" / "runtime.txt",
+        python_version=python_version,
+        arch=arch,
+        cache_dir=cache_dir or root / ".cache" / "pip-lambda",
+    )
+    for layer, sources in LAYER_SOURCES.items():
+        for src in sources:
+            copy_package(root / src, out / "layers" / layer / "python" / Path(src).name)
+    for name in FUNCTIONS:
+        src_dir = root / "functions" / name
+        packages = sorted(p for p in src_dir.iterdir() if (p / "__init__.py").exists())
+        if not packages:
+            raise PackageError(f"{src_dir} holds no Python package")
+        for pkg in packages:
+            copy_package(pkg, out / "functions" / name / pkg.name)
+
+    artifacts = [("layer", n, out / "layers" / n) for n in LAYERS]
+    artifacts += [("function", n, out / "functions" / n) for n in FUNCTIONS]
+    if compile_with:
+        precompile(compile_with, python_version, [path for _kind, _name, path in artifacts])
+    for kind, name, path in artifacts:
+        art = Artifact(kind, name, path, zips / f"{kind}-{name}.zip")
+        art.unzipped = tree_size(path)
+        art.zipped = write_zip(path, art.zip_path)
+        report.artifacts[f"{kind}-{name}"] = art
+    (out / "sizes.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sif_local.package", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "package")
+    parser.add_argument("--arch", choices=sorted(PLATFORMS), default="x86_64")
+    parser.add_argument(
+        "--python-version",
+        default=LAMBDA_PYTHON,
+        help=f"target CPython version (default {LAMBDA_PYTHON}, the Lambda runtime)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "pip-lambda")
+    parser.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB)
+    parser.add_argument(
+        "--compile-with",
+        metavar="PYTHON",
+        help="an interpreter of the target version: ship its bytecode (faster cold starts, "
+        "about 15%% more bytes); by default no bytecode is shipped",
+    )
+    parser.add_argument(
+        "--check-with",
+        metavar="PYTHON",
+        help="an interpreter of the target version: import the built layers with it and run a "
+        "tiny model (needs the dev-only onnx package here)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = build(
+            args.out,
+            python_version=args.python_version,
+            arch=args.arch,
+            cache_dir=args.cache_dir,
+            limit_mib=args.limit_mib,
+            compile_with=args.compile_with,
+        )
+    except PackageError as exc:
+        print(f"package: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.check_with:
+        with tempfile.TemporaryDirectory(prefix="sif-smoke-") as tmp:
+            try:
+                summary = smoke_check(args.out, args.check_with, Path(tmp))
+            except PackageError as exc:
+                print(f"package: {exc}", file=sys.stderr)
+                return 1
+        print(f"\nsmoke check passed: {json.dumps(summary)}")
+    print(f"\nwrote {args.out / 'zips'} and {args.out / 'sizes.json'}")
+    over = report.over_limit()
+    if over:
+        print(
+            f"package: over the {report.limit_mib:g} MiB target (function + layers, unzipped): " + ", ".join(over),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
