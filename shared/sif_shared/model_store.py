@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from sif_inference.errors import ModelNotFoundError
@@ -43,8 +42,13 @@ class S3ModelSource:
             raise ModelNotFoundError(f"unknown model {name!r} version {version!r}") from exc
         return ModelManifest.model_validate(json.loads(obj["Body"].read()))
 
-    def fetch(self, name: str, version: str, filename: str, dest: Path) -> None:
-        self.s3.download_file(self.bucket, f"{self.prefix}{name}/{version}/{filename}", str(dest))
+    def read(self, name: str, version: str, filename: str) -> bytes:
+        # One GET into memory: the registry hashes these bytes and builds the session from them.
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}{name}/{version}/{filename}")
+        except self.s3.exceptions.NoSuchKey as exc:
+            raise ModelNotFoundError(f"{name}/{version} has no file {filename!r}") from exc
+        return bytes(obj["Body"].read())
 
 
 def registry_from_settings(settings: Settings) -> ModelRegistry:

@@ -79,16 +79,15 @@ def test_corrupted_model_file_is_refused(models_dir, tmp_path):
     assert not (tmp_path / "cache" / "open-nsfw" / "1" / "open-nsfw.onnx").exists()
 
 
-def test_corrupted_cache_entry_is_refused_and_dropped(models_dir, tmp_path):
+def test_corrupted_cache_entry_is_never_served_but_replaced(models_dir, tmp_path):
     copy_model(models_dir, tmp_path / "src", "open-nsfw")
     cached = tmp_path / "cache" / "open-nsfw" / "1" / "open-nsfw.onnx"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not the model")
     registry = ModelRegistry(LocalDirSource(tmp_path / "src"), tmp_path / "cache")
-    with pytest.raises(IntegrityError):
-        registry.get("open-nsfw")
-    assert not cached.exists()
-    assert registry.get("open-nsfw").classifier is not None  # the next try fetches a good copy
+    assert registry.get("open-nsfw").classifier is not None
+    manifest = registry.manifest("open-nsfw")
+    assert sha256_file(cached) == manifest.files["open-nsfw.onnx"].sha256
 
 
 def test_file_missing_from_manifest_is_refused(models_dir, tmp_path):

@@ -83,20 +83,22 @@ class ModelRegistry:
         return model.classifier
 
     def read_verified(self, manifest: ModelManifest, filename: str) -> bytes:
-        """Fetch (if not cached) and return a file's bytes, only if its sha256 matches the manifest."""
+        """A file's bytes, only if their sha256 matches the manifest; kept in cache_dir for the next process."""
         manifest_entry(manifest, filename)
         path = self.cache_dir / manifest.name / manifest.version / filename
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(path.suffix + ".part")
-            self.source.fetch(manifest.name, manifest.version, filename, partial)
-            partial.replace(path)
-        data = path.read_bytes()
-        try:
-            require_sha256(manifest, filename, data)
-        except IntegrityError:
-            path.unlink(missing_ok=True)  # a corrupt cache entry must not survive to the next try
-            raise
+        if path.is_file():
+            data = path.read_bytes()
+            try:
+                require_sha256(manifest, filename, data)
+                return data
+            except IntegrityError:
+                path.unlink(missing_ok=True)  # a corrupt cache entry is dropped and fetched again
+        data = self.source.read(manifest.name, manifest.version, filename)
+        require_sha256(manifest, filename, data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{threading.get_ident()}.part")
+        partial.write_bytes(data)
+        partial.replace(path)
         return data
 
     def _load(self, manifest: ModelManifest, variant: str) -> LoadedModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -20,8 +19,8 @@ class ModelSource(Protocol):
 
     def read_manifest(self, name: str, version: str) -> ModelManifest: ...
 
-    def fetch(self, name: str, version: str, filename: str, dest: Path) -> None:
-        """Copy one model file to `dest` (the registry verifies it afterwards)."""
+    def read(self, name: str, version: str, filename: str) -> bytes:
+        """One model file's bytes (the registry verifies them before use)."""
         ...
 
 
@@ -52,11 +51,8 @@ class LocalDirSource:
             raise ModelNotFoundError(f"unknown model {name!r} version {version!r}")
         return ModelManifest.model_validate(json.loads(path.read_text()))
 
-    def fetch(self, name: str, version: str, filename: str, dest: Path) -> None:
+    def read(self, name: str, version: str, filename: str) -> bytes:
         src = self.root / name / version / filename
         if not src.is_file():
             raise ModelNotFoundError(f"{name}/{version} has no file {filename!r}")
-        shutil.copyfile(src, dest)
-
-    def local_path(self, name: str, version: str, filename: str) -> Path:
-        return self.root / name / version / filename
+        return src.read_bytes()
