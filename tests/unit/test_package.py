@@ -101,6 +101,18 @@ def test_read_requirements_of_the_runtime_layer() -> None:
     assert not {"boto3", "botocore"} & set(reqs)
 
 
+def test_read_requirements_follows_includes(tmp_path: Path) -> None:
+    (tmp_path / "base.txt").write_text("numpy>=1.26  # arrays\n--only-binary=:all:\n")
+    (tmp_path / "top.txt").write_text("# comment\n-r base.txt\npillow>=10 ; sys_platform == 'linux'\n")
+    assert [str(r) for r in pkg.read_requirements(tmp_path / "top.txt")] == [
+        "numpy>=1.26",
+        'pillow>=10; sys_platform == "linux"',
+    ]
+    (tmp_path / "bad.txt").write_text("not a requirement!\n")
+    with pytest.raises(pkg.PackageError, match="cannot parse"):
+        pkg.read_requirements(tmp_path / "bad.txt")
+
+
 # --------------------------------------------------------------------------- trimming
 
 

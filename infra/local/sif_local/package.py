@@ -8,8 +8,13 @@ need at run time:
 * distributions the Lambda runtime already provides (boto3, botocore, s3transfer), those
   never used at run time (see ``NOT_NEEDED_AT_RUNTIME``) and everything only they pulled
   in are removed, file by file from their ``RECORD``;
-* files no import needs (bytecode built by this machine's interpreter, tests, type stubs,
-  C headers and static libraries, console scripts, onnxruntime's offline tools) go too.
+* files no import needs go too: tests, type stubs, C headers and static libraries,
+  console scripts, onnxruntime's offline tools and its C-API library, and any bytecode
+  (pip's would be for this interpreter, not the target's).
+
+``--compile-with PYTHON`` ships bytecode made by an interpreter of the target version
+instead (faster cold starts, more bytes); ``--check-with PYTHON`` imports the result with
+such an interpreter, the way Lambda lays it out, and runs a tiny model.
 
 Output under ``--out`` (default ``build/package``)::
 
@@ -28,7 +33,8 @@ Models are not bundled: the functions load them from the models bucket at run ti
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -85,9 +91,9 @@ TRIM_PATHS = (
     "onnxruntime/backend",  # ONNX backend-test API (needs the onnx package)
 )
 
-# onnxruntime's C-API library: the Python extension statically contains the runtime and
-# does not load it (C/C++ consumers and plugin execution providers do). Removed only
-# when the extension does not name it, so a wheel that links it dynamically keeps it.
+# onnxruntime's C-API library (28 MiB, for C/C++ consumers): the Python extension holds
+# the runtime statically and does not load it. Removed only while the extension does not
+# name it, so a wheel that links it dynamically keeps it.
 ORT_CAPI_DIR = "onnxruntime/capi"
 ORT_C_LIBRARY = "libonnxruntime.so"
 ORT_EXTENSION_GLOB = "onnxruntime_pybind11_state*.so"
@@ -128,48 +134,24 @@ class Distribution:
 
 
 def _file_size(path: Path) -> int:
-    try:
-        return path.lstat().st_size if path.is_file() else 0
-    except OSError:
-        return 0
-
-
-def _read_metadata(dist_info: Path) -> tuple[str, str, list[Requirement]]:
-    name = version = ""
-    requires: list[Requirement] = []
-    for line in (dist_info / "METADATA").read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            break  # end of the headers; the long description follows
-        key, _, value = line.partition(":")
-        value = value.strip()
-        if key == "Name":
-            name = value
-        elif key == "Version":
-            version = value
-        elif key == "Requires-Dist":
-            requires.append(Requirement(value))
-    return canonicalize_name(name), version, requires
-
-
-def _read_record(root: Path, dist_info: Path) -> list[Path]:
-    files = {p.relative_to(root) for p in dist_info.rglob("*") if p.is_file()}
-    record = dist_info / "RECORD"
-    if record.exists():
-        for row in csv.reader(record.read_text(encoding="utf-8").splitlines()):
-            if not row or not row[0] or row[0].startswith(("/", "..")):
-                continue  # console scripts land outside site-packages; bin/ is trimmed
-            files.add(Path(row[0]))
-    return sorted(files)
+    return path.stat().st_size if path.is_file() else 0
 
 
 def read_distributions(root: Path) -> dict[str, Distribution]:
     """Every distribution installed in ``root`` (a pip --target tree), by canonical name."""
     dists: dict[str, Distribution] = {}
     for dist_info in sorted(root.glob("*.dist-info")):
-        if not (dist_info / "METADATA").exists():
+        meta = importlib.metadata.Distribution.at(dist_info)
+        name = meta.metadata["Name"]
+        if not name:
             continue
-        name, version, requires = _read_metadata(dist_info)
-        dists[name] = Distribution(name, version, dist_info, requires, _read_record(root, dist_info))
+        files = {p.relative_to(root) for p in dist_info.rglob("*") if p.is_file()}
+        # RECORD paths are relative to the tree; console scripts point outside it (../../bin)
+        files.update(Path(str(f)) for f in meta.files or () if not str(f).startswith(("/", "..")))
+        requires = [Requirement(r) for r in meta.requires or ()]
+        dists[canonicalize_name(name)] = Distribution(
+            canonicalize_name(name), meta.version, dist_info, requires, sorted(files)
+        )
     return dists
 
 
@@ -197,16 +179,21 @@ def _applies(marker: Marker | None, env: Mapping[str, str], extras: Iterable[str
 
 
 def read_requirements(path: Path) -> list[Requirement]:
-    """Requirement lines of a requirements file (options and includes are not followed)."""
+    """The requirements of a requirements file, following ``-r`` includes (other pip
+    options are for pip and skipped here)."""
     reqs: list[Requirement] = []
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.split(" #", 1)[0].strip()
-        if not line or line.startswith(("#", "-")):
+        if not line or line.startswith("#"):
             continue
-        try:
-            reqs.append(Requirement(line))
-        except InvalidRequirement as exc:
-            raise PackageError(f"{path}: cannot parse requirement {line!r}: {exc}") from exc
+        option, _, value = line.partition(" ")
+        if option in ("-r", "--requirement"):
+            reqs += read_requirements(path.parent / value.strip())
+        elif not line.startswith("-"):
+            try:
+                reqs.append(Requirement(line))
+            except InvalidRequirement as exc:
+                raise PackageError(f"{path}: cannot parse requirement {line!r}: {exc}") from exc
     return reqs
 
 
@@ -316,6 +303,19 @@ def copy_package(src: Path, dest: Path) -> None:
     )
 
 
+def copy_function(src: Path, dest: Path) -> None:
+    """A function's code as its zip holds it: its packages and top-level modules."""
+    packages = sorted(p for p in src.iterdir() if (p / "__init__.py").exists())
+    modules = sorted(src.glob("*.py"))
+    if not packages and not modules:
+        raise PackageError(f"{src} holds no Python code")
+    for package in packages:
+        copy_package(package, dest / package.name)
+    dest.mkdir(parents=True, exist_ok=True)
+    for module in modules:
+        shutil.copy2(module, dest / module.name)
+
+
 # --------------------------------------------------------------------------- zips and sizes
 
 
@@ -416,7 +416,7 @@ class Report:
 
 
 def mib(n: float) -> str:
-    return f"{n / MIB:.1f}"
+    return f"{n / MIB:.2f}"
 
 
 def format_report(report: Report) -> str:
@@ -526,8 +526,6 @@ def write_tiny_model(path: Path) -> Path:
 
 def lambda_runtime_stub(dest: Path) -> Path:
     """A stand-in for /var/runtime: links to this environment's boto3 and its dependencies."""
-    import importlib
-
     dest.mkdir(parents=True, exist_ok=True)
     for name in LAMBDA_RUNTIME_MODULES:
         origin = Path(str(importlib.import_module(name).__file__))
@@ -674,12 +672,7 @@ def build(
         for src in sources:
             copy_package(root / src, out / "layers" / layer / "python" / Path(src).name)
     for name in FUNCTIONS:
-        src_dir = root / "functions" / name
-        packages = sorted(p for p in src_dir.iterdir() if (p / "__init__.py").exists())
-        if not packages:
-            raise PackageError(f"{src_dir} holds no Python package")
-        for pkg in packages:
-            copy_package(pkg, out / "functions" / name / pkg.name)
+        copy_function(root / "functions" / name, out / "functions" / name)
 
     artifacts = [("layer", n, out / "layers" / n) for n in LAYERS]
     artifacts += [("function", n, out / "functions" / n) for n in FUNCTIONS]
@@ -709,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compile-with",
         metavar="PYTHON",
         help="an interpreter of the target version: ship its bytecode (faster cold starts, "
-        "about 15%% more bytes); by default no bytecode is shipped",
+        "about 10%% more bytes); by default no bytecode is shipped",
     )
     parser.add_argument(
         "--check-with",
