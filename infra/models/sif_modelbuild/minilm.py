@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -75,7 +76,8 @@ def quantize_int8(fp32: Path, out: Path, work: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = work / "pre.onnx"
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    with contextlib.chdir(work):  # the pre-processor drops temporary files in the current directory
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     # Per-channel weights: per-tensor dynamic quantization loses too much here (mean cosine ~0.96).
     quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
 
