@@ -1,0 +1,208 @@
+"""`sif`: the local stack's command-line tool.
+
+sif up                              start the local stack in the foreground (Ctrl-C stops it)
+sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key
+sif env                             shell exports for talking to the running stack's emulator
+sif score FILE --model M            (not yet implemented)
+sif usage                           (not yet implemented)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sif_local.awsemu import PortInUseError, aws_client_env
+
+log = logging.getLogger("sif_local.cli")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NOT_IMPLEMENTED = 2
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbosity < 2:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _error(message: str) -> int:
+    print(f"sif: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _banner(running: Any) -> None:
+    stack = running.stack
+    api, key = stack.api_url, stack.demo_api_key
+    models = ", ".join(f"{m.name}@{m.version}" for m in stack.models) or "none published"
+    q = shlex.quote
+    lines = [
+        "",
+        "sif local stack is up",
+        f"  API            {api}",
+        f"  AWS emulator   {stack.aws_endpoint_url}   (AWS_ENDPOINT_URL=..., any credentials)",
+        f"  demo API key   {key}",
+        f"  models         {models}",
+        f"  stack file     {_display_path(stack.stack_json_path)}",
+        "",
+        "Try:",
+        f"  export SIF_KEY={q(str(key))}",
+        f"  curl -s {api}/health",
+        f'  curl -s -H "Authorization: Bearer $SIF_KEY" {api}/v1/models',
+        f'  curl -s -H "Authorization: Bearer $SIF_KEY" -H "Content-Type: application/json" \\\n'
+        f'       -d \'{{"model": "all-minilm-l6-v2", "input": "hello world"}}\' {api}/v1/embeddings',
+        f'  curl -s -H "x-api-key: $SIF_KEY" -H "Content-Type: application/json" \\\n'
+        f'       -d \'{{"instances": ["a sentence to embed"]}}\' {api}/v1/models/all-minilm-l6-v2/predict',
+        f'  curl -s -H "Authorization: Bearer $SIF_KEY" {api}/v1/usage',
+        "  sif tenant create acme --monthly-calls 10000",
+        "",
+        "Ctrl-C (or SIGTERM) stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_up(args: argparse.Namespace) -> int:
+    from sif_local.stack import DEFAULT_STATE_DIR, run_local_stack
+
+    try:
+        return run_local_stack(
+            on_ready=_banner,
+            api_port=args.api_port,
+            aws_port=args.aws_port,
+            models_dir=args.models_dir,
+            state_dir=args.state_dir or DEFAULT_STATE_DIR,
+            publish=not args.no_models,
+        )
+    except PortInUseError as exc:
+        return _error(str(exc))
+    except FileNotFoundError as exc:
+        return _error(f"{exc} (or pass --no-models)")
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _stack_clients(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    from sif_local.stack import aws_session, read_stack_json
+
+    info = read_stack_json(args.stack_json)
+    endpoint = info.get("aws_endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    session = aws_session(info.get("region", "us-east-1"))
+    return info, (session, endpoint)
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from sif_shared.tenants import create_tenant
+
+    try:
+        info, (session, endpoint) = _stack_clients(args)
+    except FileNotFoundError as exc:
+        return _error(str(exc))
+    table = session.resource("dynamodb", endpoint_url=endpoint).Table(info["tables"]["tenants"])
+    kwargs = {} if args.monthly_calls is None else {"monthly_calls": args.monthly_calls}
+    try:
+        tenant, api_key = create_tenant(table, args.name, **kwargs)
+    except (BotoCoreError, ClientError) as exc:
+        return _error(f"the local stack at {endpoint} did not accept the tenant ({exc}); is `sif up` running?")
+    print(
+        f"created tenant {tenant.name!r} ({tenant.tenant_id}, {tenant.monthly_calls} calls/month); its API key:",
+        file=sys.stderr,
+    )
+    print(api_key, flush=True)
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    try:
+        info, _ = _stack_clients(args)
+    except FileNotFoundError as exc:
+        return _error(str(exc))
+    env = aws_client_env(info["aws_endpoint_url"], info.get("region", "us-east-1"))
+    env.update({k: v for k, v in info.get("env", {}).items() if k.startswith("SIF_")})
+    env["SIF_API_URL"] = info["api_url"]
+    if info.get("demo_api_key"):
+        env["SIF_KEY"] = info["demo_api_key"]
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(str(value))}")
+    return EXIT_OK
+
+
+def cmd_not_implemented(args: argparse.Namespace) -> int:
+    print(f"sif {args.command}: not yet implemented", file=sys.stderr)
+    return EXIT_NOT_IMPLEMENTED
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sif", description="sif - serverless inference functions, local stack")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: AWS SDK too)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--stack-json",
+        type=Path,
+        default=None,
+        help="the running stack's stack.json (default: $SIF_STACK_JSON or .local/stack.json)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the local stack in the foreground")
+    up.add_argument("--api-port", type=int, default=None, help="API port (default: $SIF_API_PORT or 3000)")
+    up.add_argument("--aws-port", type=int, default=None, help="AWS emulator port (default: $SIF_AWS_PORT or 5000)")
+    up.add_argument(
+        "--models-dir", type=Path, default=None, help="built models (default: $SIF_MODELS_DIR or .cache/models)"
+    )
+    up.add_argument("--no-models", action="store_true", help="do not publish models")
+    up.add_argument("--state-dir", type=Path, default=None, help="where stack.json goes (default: .local)")
+    up.set_defaults(func=cmd_up)
+
+    tenant = sub.add_parser("tenant", help="manage tenants of the running stack")
+    tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
+    create = tenant_sub.add_parser("create", help="create a tenant and print its new API key")
+    create.add_argument("name")
+    create.add_argument("--monthly-calls", type=int, default=None, help="monthly call quota")
+    create.set_defaults(func=cmd_tenant_create)
+
+    env = sub.add_parser("env", help='print shell exports for the running stack (eval "$(sif env)")')
+    env.set_defaults(func=cmd_env)
+
+    score = sub.add_parser("score", help="score a file through the batch path (not yet implemented)")
+    score.add_argument("file", nargs="?")
+    score.add_argument("--model", default=None)
+    score.set_defaults(func=cmd_not_implemented)
+
+    usage = sub.add_parser("usage", help="usage of a tenant (not yet implemented)")
+    usage.set_defaults(func=cmd_not_implemented)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stack_json is None and os.environ.get("SIF_STACK_JSON"):
+        args.stack_json = Path(os.environ["SIF_STACK_JSON"])
+    _setup_logging(-1 if args.quiet else args.verbose)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
