@@ -1,0 +1,87 @@
+"""Shared fixtures: moto's server, the local stack created from template.yaml, sample events.
+
+- `aws_server` (session): moto's server on a free 127.0.0.1 port; AWS_ENDPOINT_URL, dummy credentials
+  and the region are set in the environment for the whole session.
+- `local_stack` (session): every resource of template.yaml created in it, the models published from
+  SIF_MODELS_DIR (default .cache/models) when that dir exists, a demo tenant, stack.json written to a
+  temporary state dir (a running `make up` is never touched).
+- `lambda_env` (function): os.environ as a function of the template sees it locally.
+- `load_event(name)`: events/<name>.json as a dict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sif_local.awsemu import AwsEmulator, aws_client_env
+from sif_local.stack import LocalStack, models_dir_from_env
+
+REPO = Path(__file__).resolve().parents[1]
+EVENTS_DIR = REPO / "events"
+TEMPLATE = REPO / "template.yaml"
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """A sample event from events/ (`name` with or without `.json`)."""
+    path = EVENTS_DIR / (name if name.endswith(".json") else f"{name}.json")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+@pytest.fixture(name="load_event", scope="session")
+def _load_event_fixture() -> Any:
+    return load_event
+
+
+@pytest.fixture(scope="session")
+def aws_server() -> Iterator[AwsEmulator]:
+    emulator = AwsEmulator(port=0).start()
+    patch = pytest.MonkeyPatch()
+    for key, value in aws_client_env(emulator.endpoint_url).items():
+        patch.setenv(key, value)
+    patch.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield emulator
+    finally:
+        patch.undo()
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def local_stack(aws_server: AwsEmulator, tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    stack = LocalStack(
+        aws_server.endpoint_url,
+        template_path=TEMPLATE,
+        state_dir=tmp_path_factory.mktemp("local-state"),
+        api_url="http://127.0.0.1:0",
+    ).create()
+    models_dir = models_dir_from_env()
+    if models_dir.is_dir():
+        stack.publish_models(models_dir)
+    stack.create_demo_tenant()
+    stack.write_stack_json()
+    return stack
+
+
+def _clear_settings_cache() -> None:
+    try:
+        from sif_shared.settings import get_settings
+    except ImportError:
+        return
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def lambda_env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """os.environ as a function of the template sees it locally (SIF_* names -> local resources)."""
+    env = local_stack.function_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _clear_settings_cache()  # settings are read once per process
+    yield env
+    _clear_settings_cache()
