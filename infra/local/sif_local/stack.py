@@ -822,6 +822,7 @@ class RunningStack:
                 log.warning("stopping %s: %s", type(service).__name__, exc)
         self.services = []
         self.emulator.stop()
+        log.info("local stack stopped")
 
 
 def start_local_stack(
