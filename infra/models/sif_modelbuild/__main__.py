@@ -24,7 +24,7 @@ def main() -> None:
     logging.getLogger("sif_modelbuild").setLevel(logging.INFO)  # onnxruntime's quantizer is chatty at INFO
     for name in args.only or sorted(BUILDERS):
         start = time.perf_counter()
-        out = BUILDERS[name](args.out, force=args.force)
+        out = BUILDERS[name](args.out.resolve(), force=args.force)
         log.info("%s ready in %s (%.1fs)", name, out, time.perf_counter() - start)
 
 
