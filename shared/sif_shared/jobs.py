@@ -32,7 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
@@ -434,6 +434,7 @@ class JobServices:
     post: HttpPost = urllib_post
     callback_policy: CallbackPolicy = field(default_factory=CallbackPolicy)
     presign_ttl_s: int = 3600
+    callbacks: bool = True  # False: no signing secret was configured, so nothing is called back
 
 
 @dataclass
@@ -759,7 +760,9 @@ class JobRunner:
                 )
             except ClientError as exc:  # an announcement must not undo a finished job
                 log.warning("could not publish job %s %s to SNS: %s", job_id, status, exc)
-        if callback_url:
+        if callback_url and not self.s.callbacks:
+            log.error("job %s has a callback_url but no CallbackSigningSecret is configured: not called back", job_id)
+        elif callback_url:
             payload: dict[str, Any] = {"id": job_id, "status": status, "model": model}
             if prefix is not None:
                 payload["output_url"] = self.result_url(prefix)
@@ -770,6 +773,11 @@ class JobRunner:
                 callback_url, payload, self.s.settings.callback_secret, post=self.s.post, policy=self.s.callback_policy
             )
             self.s.store.update(tenant, "job", job_id, callback_delivered=delivered)
+
+
+def callbacks_allowed(environ: Mapping[str, str]) -> bool:
+    """Callbacks are signed, so they go out only with a configured secret (or on the local stack)."""
+    return bool(environ.get("SIF_CALLBACK_SECRET")) or environ.get("SIF_LOCAL") == "1"
 
 
 def services_from_settings(settings: Settings, **overrides: Any) -> JobServices:

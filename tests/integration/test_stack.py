@@ -80,7 +80,13 @@ def test_template_is_read_with_short_tags_and_resolved() -> None:
 def test_template_functions_and_routes() -> None:
     template = Template(path=REPO / "template.yaml")
     functions = template.functions()
-    assert set(functions) == {"AuthorizerFunction", "ApiFunction", "ScorerFunction", "WorkerFunction"}
+    assert set(functions) == {
+        "AuthorizerFunction",
+        "ApiFunction",
+        "ScorerFunction",
+        "WorkerFunction",
+        "GpuJobEventsFunction",
+    }
     assert functions["ApiFunction"].handler == "sif_api.handler.lambda_handler"
     assert functions["ApiFunction"].timeout == 29
     assert functions["ApiFunction"].runtime == "python3.12"

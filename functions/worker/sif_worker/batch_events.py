@@ -8,17 +8,24 @@ waits forever in queued or running. A record that already finished is left alone
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sif_shared.jobs import BatchJobStateChange, JobRunner, fail_from_batch_event, services_from_settings
+from sif_shared.jobs import (
+    BatchJobStateChange,
+    JobRunner,
+    callbacks_allowed,
+    fail_from_batch_event,
+    services_from_settings,
+)
 from sif_shared.settings import get_settings
 
 logger = Logger()
-runner = JobRunner(services_from_settings(get_settings(), batch=None))
+runner = JobRunner(services_from_settings(get_settings(), batch=None, callbacks=callbacks_allowed(os.environ)))
 
 
 @logger.inject_lambda_context

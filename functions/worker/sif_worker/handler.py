@@ -13,6 +13,7 @@ moves the message to the DLQ (`sif jobs redrive` puts it back).
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Any
 
@@ -28,7 +29,7 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAl
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_shared.aws import client
-from sif_shared.jobs import JobMessage, JobRunner, max_receive_count, services_from_settings
+from sif_shared.jobs import JobMessage, JobRunner, callbacks_allowed, max_receive_count, services_from_settings
 from sif_shared.settings import get_settings
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -38,7 +39,7 @@ logger = Logger()
 tracer = Tracer()
 # Every record failing is answered like any partial failure (all ids listed), not raised.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-runner = JobRunner(services_from_settings(settings))
+runner = JobRunner(services_from_settings(settings, callbacks=callbacks_allowed(os.environ)))
 idempotency = IdempotencyConfig(
     event_key_jmespath="[tenant, id]",
     raise_on_no_idempotency_key=True,
