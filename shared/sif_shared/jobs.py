@@ -199,7 +199,7 @@ def instance_rows(manifest: ModelManifest, instances: list[Any]) -> list[InputRo
         raise JobInputError(
             f"{len(instances)} instances; {manifest.name} takes at most {manifest.limits.max_batch_rows}"
         )
-    return [InputRow(i, _row_value(manifest, raw, f"instance {i}")) for i, raw in enumerate(instances)]
+    return [InputRow(i, _row_value(manifest, raw, f"instances[{i}]")) for i, raw in enumerate(instances)]
 
 
 def _text_lines(stream: IO[bytes], key: str) -> Iterator[str]:

@@ -1,0 +1,269 @@
+"""POST /v1/jobs (202 + id) and GET /v1/jobs/{id}: async jobs, run by the worker or the GPU queue.
+
+Submission validates the job against the model's manifest (task, limits, the tenant's own S3
+prefixes), decides the route with the shared router, records the job (queued) in the work table
+and puts a `JobMessage` on the jobs queue; the worker runs cpu jobs itself and hands gpu jobs to
+AWS Batch. An instance list too big for one SQS message is staged in the results bucket first.
+A job id is looked up under the caller's tenant only, so another tenant's job is a 404.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.event_handler.depends import Depends
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sif_api.caller import Caller, current_caller
+from sif_api.errors import ApiError, NotFoundError
+from sif_api.routes_meta import SECURITY
+from sif_api.schemas import ModelName, error_responses
+from sif_api.service import ApiService, get_service
+from sif_shared.jobs import (
+    MAX_INLINE_MESSAGE_BYTES,
+    JobFailedError,
+    JobInput,
+    JobMessage,
+    check_input_uri,
+    instance_rows,
+    staged_input_key,
+)
+from sif_shared.routing import Accelerator, Route, choose_route
+from sif_shared.settings import Settings, get_settings
+from sif_shared.work import WorkRecord, WorkStore, new_id
+
+logger = Logger(child=True)
+router = Router()
+BYTES_PER_ROW_ESTIMATE = 100  # for routing an s3_uri input by its size
+
+
+class JobValidationError(ApiError):
+    status, type = 422, "validation_error"
+
+
+class JobEnqueueError(ApiError):
+    status, type = 503, "unavailable"
+
+
+# ---------------------------------------------------------------- bodies
+class CreateJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    input: JobInput = Field(
+        description='`{"instances": [...]}` (texts, or `{"b64": ...}` images) or `{"s3_uri": "s3://..."}` '
+        "(a JSONL/CSV file in your inbox prefix or your results prefix)",
+        examples=[{"instances": ["The battery lasts all day.", "Shipping took three weeks."]}],
+    )
+    accelerator: Accelerator = Field(default="auto", description="auto: the router decides from the model's costs")
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="POSTed when the job ends, signed: X-Sif-Signature = sha256=HMAC(secret, timestamp + '.' + body)",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return JobMessage._http_url(value)
+
+
+class CreateJobResponse(BaseModel):
+    id: str = Field(examples=["j_4f0c2a9e1b7d3c5a6e8f"])
+    status: Literal["queued"] = "queued"
+    route: Route
+
+
+class JobStatusResponse(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float = Field(description="0..1")
+    route: Route
+    model: str
+    rows: int | None = None
+    output_url: str | None = Field(default=None, description="presigned GET of predictions.jsonl (succeeded only)")
+    manifest_url: str | None = None
+    error: str | None = None
+    created_at: float
+    updated_at: float
+
+
+# ---------------------------------------------------------------- the service
+class JobsApi:
+    """What the job routes need, built once per process on first use."""
+
+    def __init__(self, settings: Settings, s3: Any, sqs: Any, store: WorkStore) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self.sqs = sqs
+        self.store = store
+
+    def submit(self, caller: Caller, req: CreateJobRequest, api: ApiService) -> CreateJobResponse:
+        tenant = caller.tenant_id
+        manifest = api.manifest(req.model)
+        job_id = new_id("job")
+        job_input = req.input
+        if job_input.instances is not None:
+            try:
+                instance_rows(manifest, job_input.instances)
+            except JobFailedError as exc:
+                raise JobValidationError(f"input.{exc}") from exc
+            items = len(job_input.instances)
+        else:
+            assert job_input.s3_uri is not None
+            items = self._rows_in(tenant, job_input.s3_uri)
+        route = choose_route(manifest, items, req.accelerator)
+        message = JobMessage(
+            id=job_id,
+            tenant=tenant,
+            model=req.model,
+            input=job_input,
+            accelerator=req.accelerator,
+            route=route,
+            callback_url=req.callback_url,
+            submitted_at=time.time(),
+        )
+        body = message.model_dump_json(exclude_none=True)
+        if len(body.encode("utf-8")) > MAX_INLINE_MESSAGE_BYTES:
+            message.input = JobInput(s3_uri=self._stage(tenant, job_id, manifest.task, job_input.instances or []))
+            body = message.model_dump_json(exclude_none=True)
+        record = WorkRecord(
+            id=job_id,
+            kind="job",
+            tenant=tenant,
+            model=req.model,
+            route=route,
+            rows=items if job_input.instances is not None else 0,
+            input_key=message.input.s3_uri,
+            callback_url=req.callback_url,
+            details={"source": "api", "accelerator": req.accelerator},
+        )
+        self.store.create(record)
+        try:
+            self.sqs.send_message(
+                QueueUrl=self.settings.jobs_queue_url,
+                MessageBody=body,
+                MessageAttributes={
+                    "tenant": {"DataType": "String", "StringValue": tenant},
+                    "route": {"DataType": "String", "StringValue": route},
+                },
+            )
+        except ClientError as exc:
+            logger.exception("could not enqueue job", extra={"job_id": job_id})
+            self.store.update(tenant, "job", job_id, status="failed", error="could not be queued; submit it again")
+            raise JobEnqueueError("the job could not be queued; try again") from exc
+        logger.info("job queued", extra={"job_id": job_id, "tenant": tenant, "route": route, "items": items})
+        return CreateJobResponse(id=job_id, route=route)
+
+    def _rows_in(self, tenant: str, uri: str) -> int:
+        """The s3_uri must be the tenant's own and exist; its size gives a row estimate for the router."""
+        try:
+            bucket, key = check_input_uri(uri, tenant, self.settings)
+        except JobFailedError as exc:
+            raise JobValidationError(f"input.s3_uri: {exc}") from exc
+        try:
+            head = self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise JobValidationError(f"input.s3_uri: no such object {uri}") from exc
+            raise
+        factor = 3 if key.endswith(".gz") else 1  # compressed text: about 3x as many rows per byte
+        return max(1, int(head.get("ContentLength", 0)) * factor // BYTES_PER_ROW_ESTIMATE)
+
+    def _stage(self, tenant: str, job_id: str, task: str, instances: list[Any]) -> str:
+        field = "text" if task == "embedding" else "b64"
+        lines = []
+        for i, value in enumerate(instances):
+            payload = value if field == "text" else value.get("b64")
+            lines.append(json.dumps({"id": i, field: payload}, ensure_ascii=False))
+        key = staged_input_key(tenant, job_id)
+        self.s3.put_object(
+            Bucket=self.settings.results_bucket,
+            Key=key,
+            Body=("\n".join(lines) + "\n").encode("utf-8"),
+            ContentType="application/x-ndjson",
+        )
+        return f"s3://{self.settings.results_bucket}/{key}"
+
+    def status(self, caller: Caller, job_id: str) -> JobStatusResponse:
+        record = self.store.get(caller.tenant_id, "job", job_id) if len(job_id) <= 128 else None
+        if record is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        response = JobStatusResponse(
+            id=record.id,
+            status=record.status,
+            progress=1.0 if record.status == "succeeded" else record.progress,
+            route=record.route,
+            model=record.model,
+            rows=record.rows if record.status == "succeeded" else None,
+            error=record.error if record.status == "failed" else None,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+        if record.status == "succeeded" and record.output_prefix:
+            response.output_url = self._presign(record.output_prefix + "predictions.jsonl")
+            response.manifest_url = self._presign(record.output_prefix + "manifest.json")
+        return response
+
+    def _presign(self, key: str) -> str:
+        url: str = self.s3.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.settings.results_bucket, "Key": key},
+            ExpiresIn=self.settings.presign_ttl_s,
+        )
+        return url
+
+
+@cache
+def get_jobs() -> JobsApi:
+    """A Depends() provider: clients and settings built on first use, then reused while warm."""
+    from sif_shared.aws import client, table
+
+    settings = get_settings()
+    return JobsApi(settings, client("s3"), client("sqs"), WorkStore(table(settings.work_table)))
+
+
+# ---------------------------------------------------------------- routes
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    summary="Submit an async job",
+    description=(
+        "Returns at once with the job id and its route (`cpu`: the worker function, `gpu`: the AWS Batch "
+        "GPU queue). Poll `GET /v1/jobs/{id}`, subscribe to the job events topic, or pass `callback_url`."
+    ),
+    tags=["jobs"],
+    security=SECURITY,
+    responses=error_responses(401, 404, 422, 500),
+)
+def create_job(
+    body: Annotated[CreateJobRequest, Body()],
+    caller: Annotated[Caller, Depends(current_caller)],
+    service: Annotated[ApiService, Depends(get_service)],
+    jobs: Annotated[JobsApi, Depends(get_jobs)],
+) -> CreateJobResponse:
+    return jobs.submit(caller, body, service)
+
+
+@router.get(
+    "/v1/jobs/<job_id>",
+    summary="A job's status, progress and result",
+    description="Only the caller's own jobs: any other id is 404.",
+    tags=["jobs"],
+    security=SECURITY,
+    responses=error_responses(401, 404, 500),
+)
+def get_job(
+    job_id: str,
+    caller: Annotated[Caller, Depends(current_caller)],
+    jobs: Annotated[JobsApi, Depends(get_jobs)],
+) -> JobStatusResponse:
+    return jobs.status(caller, job_id)
