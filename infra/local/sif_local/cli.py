@@ -3,6 +3,7 @@
 sif up                              start the local stack in the foreground (Ctrl-C stops it)
 sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key
 sif env                             shell exports for talking to the running stack's emulator
+sif jobs redrive [--max N]          move dead-lettered job messages back to the jobs queue
 sif score FILE --model M            (not yet implemented)
 sif usage                           (not yet implemented)
 """
@@ -146,6 +147,24 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_jobs_redrive(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from sif_shared.jobs import redrive
+
+    try:
+        info, (session, endpoint) = _stack_clients(args)
+    except FileNotFoundError as exc:
+        return _error(str(exc))
+    sqs = session.client("sqs", endpoint_url=endpoint)
+    try:
+        moved = redrive(sqs, info["queues"]["jobs_dlq"], info["queues"]["jobs"], limit=args.max)
+    except (BotoCoreError, ClientError) as exc:
+        return _error(f"redrive failed ({exc}); is `sif up` running?")
+    print(f"moved {moved} message(s) from the jobs dead-letter queue back to the jobs queue", flush=True)
+    return EXIT_OK
+
+
 def cmd_not_implemented(args: argparse.Namespace) -> int:
     print(f"sif {args.command}: not yet implemented", file=sys.stderr)
     return EXIT_NOT_IMPLEMENTED
@@ -183,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help='print shell exports for the running stack (eval "$(sif env)")')
     env.set_defaults(func=cmd_env)
+
+    jobs = sub.add_parser("jobs", help="async jobs of the running stack")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    redrive = jobs_sub.add_parser("redrive", help="move messages from the jobs DLQ back to the jobs queue")
+    redrive.add_argument("--max", type=int, default=None, help="move at most this many (default: all)")
+    redrive.set_defaults(func=cmd_jobs_redrive)
 
     score = sub.add_parser("score", help="score a file through the batch path (not yet implemented)")
     score.add_argument("file", nargs="?")

@@ -792,12 +792,18 @@ def start_api(stack: LocalStack, port: int) -> RunningService:
 
 
 def start_workers(stack: LocalStack) -> list[RunningService]:
-    """Hook for the event pollers / local Batch executor: `sif_local.pollers.start_pollers(stack)`."""
+    """The event pollers (`sif_local.pollers.start_pollers(stack)`) and the local Batch executor."""
+    from sif_local.batch_executor import start_batch_executor
+
+    services: list[RunningService] = []
     try:
         from sif_local import pollers  # type: ignore[attr-defined, unused-ignore]
     except ImportError:
-        return []
-    services: list[RunningService] = list(pollers.start_pollers(stack))
+        pass
+    else:
+        services += list(pollers.start_pollers(stack))
+    if stack.template.logical_ids("AWS::Batch::JobQueue"):
+        services.append(start_batch_executor(stack))
     return services
 
 
