@@ -14,6 +14,7 @@ class Settings(BaseModel):
     inbox_bucket: str = ""
     results_bucket: str = ""
     jobs_queue_url: str = ""
+    inbox_queue_url: str = ""
     batch_job_queue: str = ""
     batch_job_definition: str = ""
     tenants_table: str = ""
