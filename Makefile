@@ -47,8 +47,12 @@ test: $(STAMP) models cfn-lint lint typecheck
 up: $(STAMP) models
 	$(BIN)/sif up
 
+# Lambda layers are read-only, so bytecode that is not shipped is recompiled at every cold start:
+# ship it (and import-check the result) when a python3.12 like Lambda's is at hand.
+PY312 := $(firstword $(foreach p,$(shell command -v python3.12) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+  $(if $(shell $(p) -c 'import sys; print(sys.version_info[:2] == (3, 12))' 2>/dev/null | grep True),$(p))))
 package: $(STAMP)
-	$(BIN)/python -m sif_local.package --out build/package
+	$(BIN)/python -m sif_local.package --out build/package $(if $(PY312),--compile-with $(PY312) --check-with $(PY312))
 
 bench: $(STAMP) models
 	$(BIN)/python -m sif_local.bench --out docs/benchmarks.md
