@@ -18,13 +18,8 @@ before the message moves to the dead-letter queue.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import csv
-import gzip
 import hashlib
 import hmac
-import io
 import json
 import logging
 import re
@@ -55,6 +50,8 @@ from sif_shared.routing import (
     parse_s3_uri,
     submit_gpu_job,
 )
+from sif_shared.rows import BadRow, FileFormatError, decode_b64, detect_format, open_rows
+from sif_shared.scoring import round_significant
 from sif_shared.settings import Settings
 from sif_shared.work import TERMINAL, WorkRecord, WorkStore
 
@@ -184,9 +181,13 @@ def _row_value(manifest: ModelManifest, raw: Any, where: str) -> Any:
     if not isinstance(b64, str):
         raise JobInputError(f'{where}: expected {{"b64": "..."}}')
     try:
-        data = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
+        data = decode_b64(b64)
+    except ValueError as exc:
         raise JobInputError(f"{where}: b64 is not valid base64") from exc
+    return _image_bytes(manifest, data, where)
+
+
+def _image_bytes(manifest: ModelManifest, data: bytes, where: str) -> bytes:
     limit = manifest.limits.max_image_bytes
     if limit is not None and len(data) > limit:
         raise JobInputError(f"{where}: image is {len(data)} bytes; the limit is {limit}")
@@ -202,45 +203,50 @@ def instance_rows(manifest: ModelManifest, instances: list[Any]) -> list[InputRo
     return [InputRow(i, _row_value(manifest, raw, f"instances[{i}]")) for i, raw in enumerate(instances)]
 
 
-def _text_lines(stream: IO[bytes], key: str) -> Iterator[str]:
-    raw: Any = gzip.GzipFile(fileobj=stream) if key.endswith(".gz") else stream
-    try:
-        yield from io.TextIOWrapper(raw, encoding="utf-8", newline="")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise JobInputError(f"cannot read {key}: {exc}") from exc
+class _StreamSource:
+    """An already-open stream as the rows reader's ByteSource (read once, from the start)."""
+
+    def __init__(self, stream: IO[bytes], size: int | None) -> None:
+        self.stream = stream
+        self._size = size
+
+    @property
+    def size(self) -> int | None:
+        return self._size
+
+    def open(self, offset: int = 0) -> IO[bytes]:
+        if offset:
+            raise ValueError("a job's input is read once, from the start")
+        return self.stream
 
 
-def iter_file_rows(manifest: ModelManifest, stream: IO[bytes], key: str) -> Iterator[InputRow]:
-    """Rows of a JSONL ({"id", "text"} or {"id", "b64"}) or CSV (header with id and text) file.
-
-    A job is all-or-nothing: the first bad row fails it with its line number.
-    """
-    base = key[:-3] if key.endswith(".gz") else key
-    lines = _text_lines(stream, key)
-    count = 0
-    if base.endswith(".csv"):
-        reader = csv.DictReader(lines)
-        if reader.fieldnames is None or not {"id", "text"} <= set(reader.fieldnames):
-            raise JobInputError(f"{key}: the CSV header must have id and text columns")
-        for line_no, rec in enumerate(reader, start=2):
-            count += 1
-            yield InputRow(rec["id"], _row_value(manifest, rec.get("text"), f"line {line_no}"))
-    elif base.endswith((".jsonl", ".json", ".ndjson")):
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise JobInputError(f"line {line_no}: not JSON ({exc.args[0]})") from exc
-            if not isinstance(rec, dict) or "id" not in rec:
-                raise JobInputError(f'line {line_no}: expected an object with "id"')
-            count += 1
-            yield InputRow(rec["id"], _row_value(manifest, rec, f"line {line_no}"))
-    else:
+def iter_file_rows(manifest: ModelManifest, stream: IO[bytes], key: str, size: int | None = None) -> Iterator[InputRow]:
+    """Rows of a JSONL ({"id", "text"} or {"id", "b64"}) or CSV (id and text columns) file, optionally .gz,
+    read by the batch scorer's row reader. A job is all-or-nothing: the first bad row fails it."""
+    fmt = detect_format(key)
+    if fmt is None:
         raise JobInputError(f"{key}: unknown format (use .jsonl or .csv, optionally .gz)")
-    if count > manifest.limits.max_batch_rows:
-        raise JobInputError(f"{count} rows; {manifest.name} takes at most {manifest.limits.max_batch_rows}")
+    text = manifest.task == "embedding"
+    count = 0
+    try:
+        with open_rows(_StreamSource(stream, size), fmt, "text" if text else "b64") as reader:
+            for item in reader:
+                if isinstance(item, BadRow):
+                    raise JobInputError(f"line {item.line}: {item.error}")
+                where = f"line {item.line}"
+                if text:
+                    value: Any = _row_value(manifest, item.value, where)
+                else:
+                    try:
+                        value = _image_bytes(manifest, decode_b64(item.value), where)
+                    except ValueError as exc:
+                        raise JobInputError(f"{where}: {exc}") from exc
+                count += 1
+                if count > manifest.limits.max_batch_rows:
+                    raise JobInputError(f"more than {manifest.limits.max_batch_rows} rows; {manifest.name}'s limit")
+                yield InputRow(item.id, value)
+    except FileFormatError as exc:
+        raise JobInputError(f"{key}: {exc}") from exc
     if count == 0:
         raise JobInputError(f"{key} has no rows")
 
@@ -280,21 +286,22 @@ class Predictor:
         try:
             if self.loaded.embedder is not None:
                 result = self.loaded.embedder.embed(values)
-                return ChunkResult(_vectors(result.vectors), tokens=result.total_tokens)
+                return ChunkResult(rounded_vectors(result.vectors), tokens=result.total_tokens)
             assert self.loaded.classifier is not None
             clf = self.loaded.classifier
             decoded = [clf.decode(v) for v in values]
             scores = clf.score_arrays([clf.preprocess(img) for img in decoded])
             labels = clf.labels or [str(i) for i in range(scores.shape[1])]
-            preds = [{lab: round(float(s), 6) for lab, s in zip(labels, row, strict=True)} for row in scores]
+            rounded = round_significant(scores, 7).tolist()
+            preds = [dict(zip(labels, row, strict=True)) for row in rounded]
             return ChunkResult(preds, pixels=sum(img.width * img.height for img in decoded))
         except InferenceError as exc:
             raise JobInputError(str(exc)) from exc
 
 
-def _vectors(vectors: np.ndarray) -> list[list[float]]:
-    # 7 decimals keep float32's precision for unit vectors at about half the JSON size.
-    rounded: list[list[float]] = np.round(vectors.astype(np.float64), 7).tolist()
+def rounded_vectors(vectors: np.ndarray) -> list[list[float]]:
+    # As the batch scorer writes them: 7 significant digits keep float32's precision at half the JSON.
+    rounded: list[list[float]] = round_significant(vectors, 7).tolist()
     return rounded
 
 
@@ -527,7 +534,7 @@ class JobRunner:
             return JobOutcome("skipped", record.route)
         if route == "gpu":
             return self.submit_gpu(job, record)
-        return self.run_cpu(job)
+        return self.run_cpu(job, record)
 
     def submit_gpu(self, job: JobMessage, record: WorkRecord) -> JobOutcome:
         existing = record.details.get("batch_job_id")
@@ -564,13 +571,13 @@ class JobRunner:
             return
         assert uri is not None
         bucket, key = check_input_uri(uri, job.tenant, self.s.settings)
-        stream, _ = open_input(self.s.s3, bucket, key)
+        stream, size = open_input(self.s.s3, bucket, key)
         with stream:
-            yield from iter_file_rows(manifest, stream, key)
+            yield from iter_file_rows(manifest, stream, key, size)
 
-    def run_cpu(self, job: JobMessage) -> JobOutcome:
+    def run_cpu(self, job: JobMessage, record: WorkRecord) -> JobOutcome:
         started = time.monotonic()
-        self.mark_running(job.tenant, job.id, route="cpu")
+        self.mark_running(job.tenant, job.id, route="cpu", runs=int(record.details.get("runs", 0)) + 1)
         try:
             predictor = Predictor(self.s.registry, job.model, job.variant)
             total = len(job.input.instances) if job.input.instances is not None else 0

@@ -142,13 +142,13 @@ def test_file_rows_jsonl_csv_and_gzip() -> None:
 @pytest.mark.parametrize(
     ("data", "key", "message"),
     [
-        (b'{"id": 1, "text": "ok"}\n{"id": 2, "text": \n', "x.jsonl", "line 2: not JSON"),
-        (b'{"id": 1, "text": "ok"}\n{"text": "no id"}\n', "x.jsonl", 'line 2: expected an object with "id"'),
-        (b'{"id": 1, "text": 5}\n', "x.jsonl", "line 1: expected a string"),
-        (b"name,body\nx,y\n", "x.csv", "header must have id and text"),
+        (b'{"id": 1, "text": "ok"}\n{"id": 2, "text": \n', "x.jsonl", "line 2: bad JSON"),
+        (b'{"id": 1, "text": "ok"}\n{"text": "no id"}\n', "x.jsonl", "line 2: missing field 'id'"),
+        (b'{"id": 1, "text": 5}\n', "x.jsonl", "line 1: field 'text' must be a string"),
+        (b"name,body\nx,y\n", "x.csv", "CSV header has no 'id' or 'text' column"),
         (b"", "x.jsonl", "has no rows"),
         (b"abc", "x.parquet", "unknown format"),
-        (b"not gzip", "x.jsonl.gz", "cannot read"),
+        (b"not gzip", "x.jsonl.gz", "not a valid gzip file"),
     ],
 )
 def test_bad_files_fail_the_job_with_the_reason(data: bytes, key: str, message: str) -> None:

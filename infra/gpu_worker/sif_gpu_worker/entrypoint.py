@@ -41,6 +41,7 @@ from sif_shared.jobs import (
     instance_rows,
     iter_file_rows,
     open_input,
+    rounded_vectors,
     services_from_settings,
 )
 from sif_shared.routing import GpuJobSpec, read_spec
@@ -89,8 +90,7 @@ def embed_wide(embedder: TextEmbedder, texts: list[str]) -> ChunkResult:
             feed["token_type_ids"] = batch.token_type_ids
         (vectors,) = embedder.session.run([output], feed)
         out[idx] = vectors
-    rounded: list[list[float]] = np.round(out.astype(np.float64), 7).tolist()
-    return ChunkResult(rounded, tokens=int(sum(lengths)))
+    return ChunkResult(rounded_vectors(out), tokens=int(sum(lengths)))
 
 
 class GpuJob:
@@ -115,7 +115,7 @@ class GpuJob:
         with body:
             self.counter = CountingReader(body)
             self.size = size or None
-            yield from iter_file_rows(manifest, io.BufferedReader(self.counter, buffer_size=1 << 20), key)
+            yield from iter_file_rows(manifest, io.BufferedReader(self.counter, buffer_size=1 << 20), key, size)
 
     def _progress(self, rows: int) -> None:
         now = time.monotonic()
@@ -138,7 +138,8 @@ class GpuJob:
             return None
         started = time.monotonic()
         attempt = os.environ.get("AWS_BATCH_JOB_ATTEMPT", "1")
-        runner.mark_running(spec.tenant, spec.id, route="gpu", batch_attempt=attempt)
+        runs = int(record.details.get("runs", 0)) + 1 if record is not None else 1
+        runner.mark_running(spec.tenant, spec.id, route="gpu", batch_attempt=attempt, runs=runs)
         try:
             predictor = Predictor(runner.s.registry, spec.model, spec.variant)
             log.info("job %s: model %s on %s", spec.id, spec.model, predictor.provider)
