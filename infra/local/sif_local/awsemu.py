@@ -85,6 +85,87 @@ def aws_client_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, st
     }
 
 
+_transaction_keys = threading.local()
+
+
+def speed_up_dynamodb_transactions() -> None:
+    """Make moto's TransactWriteItems cost O(items touched), not O(table size).
+
+    moto snapshots every table a transaction names with copy.deepcopy before applying it (to roll
+    back on a cancelled transaction), so each transaction gets slower as the table grows; a usage
+    table with one marker per metered request crosses 50 ms within minutes. Here the snapshot is a
+    shallow copy of the table that deep-copies only the items the transaction touches, which is
+    all a rollback needs. Real DynamoDB has no such cost. Applies to the in-process emulator.
+    """
+    import copy
+
+    from moto.dynamodb import models
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.models.table import Table
+
+    backend = models.DynamoDBBackend
+    if getattr(backend.transact_write_items, "_sif_fast", False):
+        return
+    original = backend.transact_write_items
+
+    def touched(self: Any, transact_items: list[dict[str, Any]]) -> dict[str, set[tuple[Any, Any]]] | None:
+        keys: dict[str, set[tuple[Any, Any]]] = {}
+        for item in transact_items:
+            op_type, op = next(iter(item.items()))
+            table = self.tables.get(op.get("TableName"))
+            if table is None:
+                return None
+            attrs = op["Item"] if op_type == "Put" else op["Key"]
+            hash_value = DynamoType(attrs[table.hash_key_attr])
+            range_value = DynamoType(attrs[table.range_key_attr]) if table.range_key_attr else None
+            keys.setdefault(table.name, set()).add((hash_value, range_value))
+        return keys
+
+    def snapshot(table: Any, keys: set[tuple[Any, Any]]) -> Any:
+        snap = copy.copy(table)
+        items = copy.copy(table.items)
+        copied: set[Any] = set()
+        for hash_value, range_value in keys:
+            if hash_value not in table.items:
+                continue
+            if range_value is None:
+                items[hash_value] = copy.deepcopy(table.items[hash_value])
+                continue
+            if hash_value not in copied:  # one copy of the inner dict per hash key
+                items[hash_value] = dict(table.items[hash_value])
+                copied.add(hash_value)
+            if range_value in items[hash_value]:
+                items[hash_value][range_value] = copy.deepcopy(items[hash_value][range_value])
+        snap.items = items
+        return snap
+
+    class SnapshotCopy:
+        """`copy` as moto.dynamodb.models sees it: a cheap snapshot of a table inside a transaction."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(copy, name)
+
+        def deepcopy(self, obj: Any, memo: Any = None) -> Any:
+            keys = getattr(_transaction_keys, "keys", None)
+            if keys is not None and isinstance(obj, Table) and obj.name in keys:
+                return snapshot(obj, keys[obj.name])
+            return copy.deepcopy(obj, memo)
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
+        try:
+            _transaction_keys.keys = touched(self, transact_items)
+        except (KeyError, TypeError, StopIteration, AttributeError):
+            _transaction_keys.keys = None  # malformed: moto's own path raises the right error
+        try:
+            original(self, transact_items)
+        finally:
+            _transaction_keys.keys = None
+
+    transact_write_items._sif_fast = True  # type: ignore[attr-defined]
+    models.copy = SnapshotCopy()  # type: ignore[attr-defined, assignment]
+    backend.transact_write_items = transact_write_items  # type: ignore[method-assign]
+
+
 class AwsEmulator:
     """moto's server bound to 127.0.0.1:`port` (SIF_AWS_PORT, default 5000; 0 picks a free one).
 
@@ -131,6 +212,7 @@ class AwsEmulator:
 
         # One line per request from werkzeug is noise here.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        speed_up_dynamodb_transactions()
         app = DomainDispatcherApplication(create_backend_app)
         try:
             server = make_server(self.host, self.port, app, threaded=True, request_handler=MotoRequestHandler)
