@@ -22,6 +22,7 @@ EVENT_TTL_S = 90 * 24 * 3600
 class QuotaExceededError(Exception):
     def __init__(self, tenant: str, limit: int, retry_after_s: int) -> None:
         super().__init__(f"tenant {tenant} used its {limit} calls for this month")
+        self.tenant = tenant
         self.limit = limit
         self.retry_after_s = retry_after_s
 
@@ -67,9 +68,24 @@ class UsageLedger:
         self.ddb = dynamodb_client
         self.table = table_name
 
-    def record(self, usage: Usage) -> bool:
-        """Meter one request. Returns False (and changes nothing) if this request id was already metered."""
+    def record(self, usage: Usage, *, monthly_limit: int | None = None) -> bool:
+        """Meter one request. Returns False (and changes nothing) if this request id was already metered.
+
+        With `monthly_limit` (> 0) the month's call counter only moves while it is below the limit, in
+        the same transaction: concurrent calls can never push a tenant past its quota. A call that
+        would is not metered and raises QuotaExceededError.
+        """
         day = usage.day or _today()
+        month_update: dict[str, Any] = {
+            "TableName": self.table,
+            "Key": {"pk": {"S": f"tenant#{usage.tenant}"}, "sk": {"S": f"month#{day.strftime('%Y-%m')}"}},
+            "UpdateExpression": "ADD #calls :calls",
+            "ExpressionAttributeNames": {"#calls": "calls"},
+            "ExpressionAttributeValues": {":calls": {"N": str(usage.calls)}},
+        }
+        if monthly_limit is not None and monthly_limit > 0:
+            month_update["ConditionExpression"] = "attribute_not_exists(#calls) OR #calls < :limit"
+            month_update["ExpressionAttributeValues"][":limit"] = {"N": str(monthly_limit)}
         values = {c: getattr(usage, c) for c in COUNTERS}
         add_expr = "ADD " + ", ".join(f"#{c} :{c}" for c in COUNTERS)
         names = {f"#{c}": c for c in COUNTERS}
@@ -106,20 +122,16 @@ class UsageLedger:
                             },
                         }
                     },
-                    {
-                        "Update": {
-                            "TableName": self.table,
-                            "Key": {"pk": tenant_pk, "sk": {"S": f"month#{day.strftime('%Y-%m')}"}},
-                            "UpdateExpression": "ADD #calls :calls",
-                            "ExpressionAttributeNames": {"#calls": "calls"},
-                            "ExpressionAttributeValues": {":calls": {"N": str(usage.calls)}},
-                        }
-                    },
+                    {"Update": month_update},
                 ]
             )
         except ClientError as exc:
-            if exc.response["Error"]["Code"] == "TransactionCanceledException" and _duplicate(exc):
+            if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                raise
+            if _cancelled_by(exc, 0):
                 return False
+            if monthly_limit and _cancelled_by(exc, 2):
+                raise QuotaExceededError(usage.tenant, monthly_limit, seconds_to_next_month()) from exc
             raise
         return True
 
@@ -162,8 +174,11 @@ class UsageLedger:
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
-def _duplicate(exc: ClientError) -> bool:
+def _cancelled_by(exc: ClientError, index: int) -> bool:
+    """Whether the transaction's item `index` failed its condition (0: the request marker, 2: the quota)."""
     reasons = exc.response.get("CancellationReasons") or []
     if reasons:
-        return reasons[0].get("Code") == "ConditionalCheckFailed"
-    return "ConditionalCheckFailed" in str(exc)
+        return len(reasons) > index and reasons[index].get("Code") == "ConditionalCheckFailed"
+    # Without structured reasons, the message lists one code per item: "[ConditionalCheckFailed, None, ...]".
+    codes = str(exc).rsplit("[", 1)[-1].rstrip("]").split(", ")
+    return len(codes) > index and codes[index].strip() == "ConditionalCheckFailed"
