@@ -197,9 +197,10 @@ class GpuJob:
 
 def run_batch_spec(spec: GpuJobSpec, settings: Settings) -> None:
     """A drop-file batch routed to the GPU queue: scored by the batch scorer's streaming scorer."""
-    from sif_shared import scoring  # type: ignore[attr-defined, unused-ignore]
+    from sif_shared.filebatch import score_gpu_batch
 
-    scoring.score_gpu_batch(spec, settings)  # type: ignore[attr-defined, unused-ignore]
+    outcome = score_gpu_batch(spec, settings)
+    log.info("batch %s: %s", spec.id, outcome.as_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
