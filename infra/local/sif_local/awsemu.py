@@ -162,7 +162,7 @@ def speed_up_dynamodb_transactions() -> None:
             _transaction_keys.keys = None
 
     transact_write_items._sif_fast = True  # type: ignore[attr-defined]
-    models.copy = SnapshotCopy()  # type: ignore[attr-defined, assignment]
+    models.copy = SnapshotCopy()  # type: ignore[assignment]
     backend.transact_write_items = transact_write_items  # type: ignore[method-assign]
 
 

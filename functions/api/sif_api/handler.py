@@ -1,0 +1,45 @@
+"""sif HTTP API: API Gateway (REST, Lambda proxy) -> powertools' resolver -> routes_*.py.
+
+Module scope is the cold start: settings from the environment, boto3 clients, the model registry
+with every model loaded, the routes. Each route module has its own Router; batches and jobs
+join the same way (`app.include_router(routes_batches.router)`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from sif_api import errors, routes_inference, routes_jobs, routes_meta, routes_models, routes_usage, service
+from sif_shared.settings import Settings
+
+# Usage metrics go out per call through sif_metering (tenant and model dimensions); requests that
+# meter nothing (health, models, usage) leave this set empty, which is fine.
+warnings.filterwarnings("ignore", message="No application metrics to publish")
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+app = APIGatewayRestResolver(enable_validation=True)
+for module in (routes_meta, routes_models, routes_inference, routes_usage, routes_jobs):
+    app.include_router(module.router)
+routes_meta.add_openapi(app)
+errors.register(app, logger)
+
+service.install(service.ApiService.from_settings(Settings.from_env())).warm()
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@tracer.capture_lambda_handler
+@metrics.log_metrics(capture_cold_start_metric=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    too_large = errors.body_too_large(event)
+    if too_large is not None:
+        return too_large
+    return app.resolve(event, context)

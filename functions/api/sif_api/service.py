@@ -1,0 +1,298 @@
+"""The API's logic: models from the registry, metered inference, the caller's usage.
+
+Built once per cold start from Settings (the handler reads the environment, this never does).
+Every inference call goes: inputs checked -> quota checked -> inference timed -> exactly one
+usage record for the request id (the ledger refuses it atomically if the quota ran out meanwhile)
+-> usage metrics -> the response with its usage and cost.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from typing import Any
+
+from aws_lambda_powertools import Logger
+
+from sif_api import inference
+from sif_api.caller import Caller
+from sif_api.errors import BadRequestError
+from sif_api.inference import LabelCache, Outcome
+from sif_api.schemas import (
+    Embedding,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingsUsage,
+    ModelInfo,
+    ModelLimits,
+    ModelList,
+    ModelPrice,
+    Period,
+    PredictRequest,
+    PredictResponse,
+    PredictUsage,
+    UsageByModelDay,
+    UsageResponse,
+    UsageTotals,
+)
+from sif_inference.errors import ModelNotFoundError, WrongTaskError
+from sif_inference.manifest import ModelManifest, Price
+from sif_inference.registry import ModelRegistry
+from sif_metering.ledger import QuotaExceededError, Usage, UsageLedger
+from sif_metering.metrics import UsageMetrics
+from sif_metering.pricing import cost_usd
+from sif_metering.quota import QuotaGate
+from sif_shared.settings import Settings
+
+logger = Logger(child=True)
+
+# Names as the models bucket lays them out; anything else is simply not a model (and never
+# reaches S3 as a prefix).
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
+def _elapsed_ms(start: float) -> int:
+    return max(1, math.ceil((time.perf_counter() - start) * 1000))
+
+
+class ApiService:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        ledger: UsageLedger,
+        *,
+        quota: QuotaGate | None = None,
+        usage_metrics: UsageMetrics | None = None,
+    ) -> None:
+        self.registry = registry
+        self.ledger = ledger
+        self.quota = quota or QuotaGate(ledger)
+        self.usage_metrics = usage_metrics
+        self.labels = LabelCache()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiService:
+        from sif_shared.aws import client
+        from sif_shared.model_store import registry_from_settings
+
+        ledger = UsageLedger(client("dynamodb"), settings.usage_table)
+        return cls(registry_from_settings(settings), ledger, quota=QuotaGate(ledger), usage_metrics=UsageMetrics())
+
+    def warm(self) -> list[str]:
+        """Load every model's default variant now (cold start), so no request pays for it.
+
+        A model that fails to load is logged and skipped: its calls fail on their own (500),
+        the other models keep serving.
+        """
+        loaded = []
+        for name in self.registry.names():
+            try:
+                self.registry.get(name)
+                loaded.append(name)
+            except Exception:  # one broken model must not take the function down
+                logger.exception("cannot load model", extra={"model": name})
+        return loaded
+
+    # ------------------------------------------------------------ models
+    def manifest(self, name: str) -> ModelManifest:
+        if not MODEL_NAME.match(name):
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        return self.registry.manifest(name)
+
+    def model_info(self, name: str) -> ModelInfo:
+        return describe(self.manifest(name))
+
+    def models(self) -> ModelList:
+        return ModelList(models=[describe(m) for m in self.registry.manifests()])
+
+    # ------------------------------------------------------------ inference
+    def embeddings(self, caller: Caller, req: EmbeddingsRequest, request_id: str) -> EmbeddingsResponse:
+        manifest = self.manifest(req.model)
+        if manifest.task != "embedding":
+            raise WrongTaskError(f"model {req.model!r} does {manifest.task}, not embeddings")
+        if req.dimensions is not None and req.dimensions != manifest.output.dim:
+            raise BadRequestError(f"model {req.model!r} has {manifest.output.dim} dimensions, not {req.dimensions}")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        embedder = self.registry.embedder(req.model)
+        outcome, usage = self._metered(caller, manifest, request_id, lambda: inference.embed(embedder, texts))
+        if req.encoding_format == "base64":
+            vectors = outcome.predictions
+            data = [Embedding(index=i, embedding=inference.float32_base64(v)) for i, v in enumerate(vectors)]
+        else:
+            data = [Embedding(index=i, embedding=v.tolist()) for i, v in enumerate(outcome.predictions)]
+        return EmbeddingsResponse(
+            data=data,
+            model=req.model,
+            usage=EmbeddingsUsage(
+                prompt_tokens=usage.tokens,
+                total_tokens=usage.tokens,
+                truncated_inputs=outcome.truncated,
+                cost_usd=_cost(manifest.price, usage),
+            ),
+        )
+
+    def predict(self, caller: Caller, name: str, req: PredictRequest, request_id: str) -> PredictResponse:
+        manifest = self.manifest(name)
+        labels = req.parameters.labels if req.parameters else None
+        work: Callable[[], Outcome]
+        if manifest.task == "embedding":
+            texts = inference.texts_of(req.instances, name)
+            embedder = self.registry.embedder(name)
+            if labels:
+                template = req.parameters.template if req.parameters else "{}"
+                work = lambda: inference.zero_shot(embedder, texts, labels, template, self.labels)  # noqa: E731
+            else:
+                work = lambda: inference.embed(embedder, texts)  # noqa: E731
+        else:
+            if labels:
+                raise WrongTaskError(
+                    f"parameters.labels is zero-shot text classification; model {name!r} does {manifest.task}"
+                )
+            images = inference.images_of(req.instances, name)
+            classifier = self.registry.classifier(name)
+            work = lambda: inference.classify_images(classifier, images)  # noqa: E731
+        outcome, usage = self._metered(caller, manifest, request_id, work)
+        predictions: list[Any] = [p.tolist() if hasattr(p, "tolist") else p for p in outcome.predictions]
+        return PredictResponse(
+            predictions=predictions,
+            model=name,
+            model_version=manifest.version,
+            usage=PredictUsage(
+                inputs=usage.inputs,
+                tokens=usage.tokens,
+                pixels=usage.pixels,
+                truncated_inputs=outcome.truncated,
+                compute_ms=usage.compute_ms,
+                cost_usd=_cost(manifest.price, usage),
+            ),
+        )
+
+    def _metered(
+        self, caller: Caller, manifest: ModelManifest, request_id: str, work: Callable[[], Outcome]
+    ) -> tuple[Outcome, Usage]:
+        self.quota.check(caller.tenant_id, caller.monthly_calls)
+        start = time.perf_counter()
+        outcome = work()
+        usage = Usage(
+            tenant=caller.tenant_id,
+            model=manifest.name,
+            request_id=request_id,
+            inputs=outcome.inputs,
+            tokens=outcome.tokens,
+            pixels=outcome.pixels,
+            compute_ms=_elapsed_ms(start),
+        )
+        try:
+            fresh = self.ledger.record(usage, monthly_limit=caller.monthly_calls)
+        except QuotaExceededError:
+            self.quota.exhausted(caller.tenant_id, caller.monthly_calls)
+            raise
+        if fresh:
+            self.quota.recorded(caller.tenant_id)
+            if self.usage_metrics is not None:
+                self.usage_metrics.emit(usage)
+        else:
+            logger.info("request already metered (a retried invocation)", extra={"request_id": request_id})
+        return outcome, usage
+
+    # ------------------------------------------------------------ usage
+    def usage(self, caller: Caller, start: date | None, end: date | None) -> UsageResponse:
+        today = _today()
+        start = start or today.replace(day=1)
+        end = end or today.replace(day=calendar.monthrange(today.year, today.month)[1])
+        if start > end:
+            raise BadRequestError(f"from ({start}) is after to ({end})")
+        prices: dict[str, Price] = {}
+        rows = []
+        total = UsageTotals()
+        for row in self.ledger.rows(caller.tenant_id, start, end):
+            if row.model not in prices:
+                prices[row.model] = self._price(row.model)
+            cost = cost_usd(prices[row.model], calls=row.calls, inputs=row.inputs, tokens=row.tokens, gpu_ms=row.gpu_ms)
+            rows.append(
+                UsageByModelDay(
+                    model=row.model,
+                    day=date.fromisoformat(row.day),
+                    calls=row.calls,
+                    inputs=row.inputs,
+                    tokens=row.tokens,
+                    pixels=row.pixels,
+                    compute_ms=row.compute_ms,
+                    cost_usd=cost,
+                )
+            )
+            total.calls += row.calls
+            total.inputs += row.inputs
+            total.tokens += row.tokens
+            total.pixels += row.pixels
+            total.compute_ms += row.compute_ms
+            total.cost_usd += cost
+        total.cost_usd = round(total.cost_usd, 8)
+        rows.sort(key=lambda r: (r.day, r.model))
+        period = Period(from_=start, to=end)
+        return UsageResponse(tenant=caller.tenant_id, period=period, total=total, by_model_day=rows)
+
+    def _price(self, model: str) -> Price:
+        try:
+            return self.manifest(model).price
+        except ModelNotFoundError:  # usage of a model since withdrawn: its price is gone with it
+            return Price()
+
+
+def describe(manifest: ModelManifest) -> ModelInfo:
+    variants = {v: manifest.files[f].sha256 for v, f in manifest.variants.items() if f in manifest.files}
+    limits = manifest.limits
+    return ModelInfo(
+        name=manifest.name,
+        version=manifest.version,
+        task=manifest.task,
+        sha256=variants.get(manifest.default_variant, ""),
+        route=manifest.route,
+        limits=ModelLimits(
+            max_inputs=limits.max_inputs,
+            max_tokens=limits.max_tokens,
+            max_text_chars=limits.max_text_chars,
+            max_image_bytes=limits.max_image_bytes,
+            max_image_pixels=limits.max_image_pixels,
+        ),
+        description=manifest.description,
+        default_variant=manifest.default_variant,
+        variants=variants,
+        dim=manifest.output.dim,
+        labels=manifest.labels,
+        price=ModelPrice(
+            usd_per_call=manifest.price.usd_per_call,
+            usd_per_1k_inputs=manifest.price.usd_per_1k_inputs,
+            usd_per_1m_tokens=manifest.price.usd_per_1m_tokens,
+        ),
+    )
+
+
+def _cost(price: Price, usage: Usage) -> float:
+    return cost_usd(price, calls=usage.calls, inputs=usage.inputs, tokens=usage.tokens, gpu_ms=usage.gpu_ms)
+
+
+# ---------------------------------------------------------------- the instance the routes use
+_service: ApiService | None = None
+
+
+def install(service: ApiService) -> ApiService:
+    """Make `service` the one the routes use (the handler at cold start; tests to swap a dependency)."""
+    global _service
+    _service = service
+    return service
+
+
+def get_service() -> ApiService:
+    """A Depends() provider for the routes."""
+    if _service is None:
+        raise RuntimeError("no ApiService installed: import sif_api.handler first")
+    return _service
