@@ -1,0 +1,344 @@
+"""Async jobs end to end on the local stack: the HTTP API, the jobs queue with its poller driving the
+worker function, the AWS Batch GPU queue with the local executor, callbacks, the DLQ and redrive.
+
+Everything a user or an operator would touch is used as they would: HTTP for the API, boto3 for
+putting messages on the queue and looking at tables, `sif jobs redrive` for the DLQ.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from sif_local.cli import main as sif
+from sif_local.stack import RunningStack, start_local_stack
+from sif_metering.ledger import UsageLedger
+from sif_shared.jobs import verify_signature
+from sif_shared.settings import Settings
+from sif_shared.work import WorkRecord, WorkStore
+
+pytestmark = [pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE = json.loads((REPO / "tests" / "data" / "minilm_reference.json").read_text())
+MODEL = "all-minilm-l6-v2"
+
+
+# ---------------------------------------------------------------------- the stack and its clients
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    stack = start_local_stack(api_port=0, aws_port=0, state_dir=tmp_path_factory.mktemp("jobs-stack"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+class Client:
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def post_job(self, body: dict[str, Any]) -> requests.Response:
+        return self.session.post(f"{self.url}/v1/jobs", json=body, timeout=60)
+
+    def job(self, job_id: str) -> requests.Response:
+        return self.session.get(f"{self.url}/v1/jobs/{job_id}", timeout=30)
+
+    def wait(self, job_id: str, timeout_s: float = 90, until: Callable[[dict[str, Any]], bool] | None = None) -> dict:
+        done = until or (lambda s: s["status"] in ("succeeded", "failed"))
+        deadline = time.monotonic() + timeout_s
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            resp = self.job(job_id)
+            if resp.status_code == 200:
+                status = resp.json()
+                if done(status):
+                    return status
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish in {timeout_s} s; last status {status}")
+
+    def usage(self) -> dict[str, Any]:
+        resp = self.session.get(f"{self.url}/v1/usage", timeout=30)
+        assert resp.status_code == 200, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+
+@pytest.fixture(scope="module")
+def tenant(running: RunningStack) -> tuple[str, Client]:
+    """A tenant of its own, so usage counts are exact."""
+    info, key = running.stack.create_tenant(f"jobs-{uuid.uuid4().hex[:6]}")
+    return str(info["tenant_id"]), Client(running.api_url, key)
+
+
+def new_tenant(running: RunningStack) -> tuple[str, Client]:
+    info, key = running.stack.create_tenant(f"jobs-{uuid.uuid4().hex[:6]}")
+    return str(info["tenant_id"]), Client(running.api_url, key)
+
+
+def predictions(url: str) -> list[dict[str, Any]]:
+    resp = requests.get(url, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return [json.loads(line) for line in resp.text.splitlines()]
+
+
+def assert_matches_reference(rows: list[dict[str, Any]]) -> None:
+    assert [r["id"] for r in rows] == list(range(len(REFERENCE["texts"])))
+    for row, expected in zip(rows, REFERENCE["embeddings"], strict=True):
+        got, want = np.asarray(row["prediction"]), np.asarray(expected)
+        cosine = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+        assert got.shape == (384,) and cosine >= 0.97, cosine
+
+
+def send_job(running: RunningStack, body: dict[str, Any] | str) -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    running.stack.client("sqs").send_message(QueueUrl=running.stack.queue_url("jobs"), MessageBody=text)
+
+
+def queue_depth(running: RunningStack, key: str) -> int:
+    attrs = running.stack.client("sqs").get_queue_attributes(
+        QueueUrl=running.stack.queue_url(key),
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def work_record(running: RunningStack, tenant_id: str, job_id: str) -> WorkRecord:
+    record = WorkStore(running.stack.table("WorkTable")).get(tenant_id, "job", job_id)
+    assert record is not None
+    return record
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout_s} s")
+
+
+# ---------------------------------------------------------------------- the API path
+def test_api_job_runs_on_the_worker_with_correct_output(tenant: tuple[str, Client]) -> None:
+    _, client = tenant
+    resp = client.post_job({"model": MODEL, "input": {"instances": REFERENCE["texts"]}})
+    assert resp.status_code == 202, resp.text
+    accepted = resp.json()
+    assert accepted["status"] == "queued" and accepted["route"] == "cpu" and accepted["id"].startswith("j_")
+
+    status = client.wait(accepted["id"])
+    assert status["status"] == "succeeded", status
+    assert status["progress"] == 1.0 and status["rows"] == len(REFERENCE["texts"])
+    assert_matches_reference(predictions(status["output_url"]))
+    manifest = requests.get(status["manifest_url"], timeout=30).json()
+    assert manifest["route"] == "cpu" and manifest["rows"] == len(REFERENCE["texts"])
+
+
+def test_invalid_jobs_are_refused_at_the_door(tenant: tuple[str, Client]) -> None:
+    _, client = tenant
+    cases = [
+        ({"model": MODEL, "input": {}}, 422),
+        ({"model": MODEL, "input": {"instances": [1, 2]}}, 422),
+        ({"model": MODEL, "input": {"instances": ["x"]}, "accelerator": "tpu"}, 422),
+        ({"model": MODEL, "input": {"instances": ["x"]}, "callback_url": "file:///etc/passwd"}, 422),
+        ({"model": MODEL, "input": {"s3_uri": "s3://someone-elses-bucket/data.jsonl"}}, 422),
+        ({"model": "no-such-model", "input": {"instances": ["x"]}}, 404),
+    ]
+    for body, expected in cases:
+        resp = client.post_job(body)
+        assert resp.status_code == expected, (body, resp.text)
+        assert set(resp.json()["error"]) >= {"type", "message", "request_id"}
+
+
+def test_another_tenant_gets_404(running: RunningStack, tenant: tuple[str, Client]) -> None:
+    _, owner = tenant
+    job_id = owner.post_job({"model": MODEL, "input": {"instances": ["mine"]}}).json()["id"]
+    _, other = new_tenant(running)
+    resp = other.job(job_id)
+    assert resp.status_code == 404
+    assert resp.json()["error"]["type"] == "not_found"
+    assert other.job("j_doesnotexist").status_code == 404
+    assert owner.wait(job_id)["status"] == "succeeded"
+
+
+# ---------------------------------------------------------------------- straight on the queue
+def test_job_put_straight_on_the_queue(running: RunningStack, tenant: tuple[str, Client]) -> None:
+    tenant_id, client = tenant
+    job_id = f"j_raw{uuid.uuid4().hex[:12]}"
+    send_job(running, {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": ["a", "b", "c"]}})
+    status = client.wait(job_id)
+    assert status["status"] == "succeeded" and status["rows"] == 3, status
+    assert [r["id"] for r in predictions(status["output_url"])] == [0, 1, 2]
+
+
+def test_unreadable_inputs_fail_with_their_reason(running: RunningStack, tenant: tuple[str, Client]) -> None:
+    tenant_id, client = tenant
+    inbox = running.stack.bucket("inbox")
+    key = f"incoming/{tenant_id}/jobs-input/{uuid.uuid4().hex[:8]}.jsonl"
+    running.stack.client("s3").put_object(Bucket=inbox, Key=key, Body=b'{"id": 1, "text": "ok"}\n{"id": 2, "text": ')
+    missing, bad_rows = f"j_missing{uuid.uuid4().hex[:8]}", f"j_badrows{uuid.uuid4().hex[:8]}"
+    for job_id, uri in ((missing, f"s3://{inbox}/{key}.nope"), (bad_rows, f"s3://{inbox}/{key}")):
+        send_job(running, {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"s3_uri": uri}})
+    failed_missing, failed_rows = client.wait(missing), client.wait(bad_rows)
+    assert failed_missing["status"] == "failed" and "NoSuchKey" in failed_missing["error"]
+    assert failed_rows["status"] == "failed" and failed_rows["error"].startswith("line 2: bad JSON")
+
+
+def test_duplicate_message_one_run_one_bill(running: RunningStack) -> None:
+    tenant_id, client = new_tenant(running)
+    job_id = f"j_dup{uuid.uuid4().hex[:12]}"
+    body = {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": ["one", "two", "three", "four"]}}
+    send_job(running, body)
+    send_job(running, body)  # SQS delivers at least once; a producer may also send twice
+    assert client.wait(job_id)["status"] == "succeeded"
+    eventually(lambda: queue_depth(running, "jobs") == 0, what="both messages consumed")
+
+    assert work_record(running, tenant_id, job_id).details["runs"] == 1
+    total = client.usage()["total"]
+    assert total["calls"] == 1 and total["inputs"] == 4, total
+
+
+# ---------------------------------------------------------------------- failures, the DLQ and redrive
+@pytest.fixture
+def quick_retries(running: RunningStack) -> Iterator[None]:
+    """Failed messages come back after 1 s instead of the template's 30 min (restored after)."""
+    sqs, url = running.stack.client("sqs"), running.stack.queue_url("jobs")
+    before = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])["Attributes"]
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "1"})
+    time.sleep(2.5)  # a long poll already waiting took the old timeout: let it end (the poller waits 1 s)
+    try:
+        yield
+    finally:
+        sqs.set_queue_attributes(QueueUrl=url, Attributes=before)
+
+
+def test_poison_job_dead_letters_fails_visibly_and_redrives(
+    running: RunningStack, tenant: tuple[str, Client], quick_retries: None
+) -> None:
+    tenant_id, client = tenant
+    job_id = f"j_poison{uuid.uuid4().hex[:8]}"
+    # Valid JSON naming a job, but not a job: every receive fails until SQS dead-letters it.
+    send_job(running, {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": "not a list"}})
+    eventually(lambda: queue_depth(running, "jobs_dlq") == 1, timeout_s=60, what="the poison message in the DLQ")
+    status = client.wait(job_id)
+    assert status["status"] == "failed"
+    assert status["error"].startswith("gave up after 5 attempts: invalid job message: input.instances")
+    first_failure = status["updated_at"]
+
+    stack_json = str(running.stack.stack_json_path)
+    assert sif(["--stack-json", stack_json, "jobs", "redrive"]) == 0
+    assert queue_depth(running, "jobs_dlq") == 0
+    # Back on the jobs queue, the worker takes it again (five more receives) and it returns to the DLQ.
+    eventually(lambda: queue_depth(running, "jobs_dlq") == 1, timeout_s=60, what="the redriven message back in the DLQ")
+    again = client.wait(job_id, until=lambda s: s["updated_at"] > first_failure)
+    assert again["status"] == "failed" and again["error"].startswith("gave up after 5 attempts")
+    assert sif(["--stack-json", stack_json, "jobs", "redrive", "--max", "1"]) == 0
+    eventually(lambda: queue_depth(running, "jobs_dlq") == 1, timeout_s=60, what="the DLQ holding it a third time")
+
+
+# ---------------------------------------------------------------------- the GPU path
+def test_gpu_route_job_runs_through_batch_and_the_local_executor(running: RunningStack) -> None:
+    tenant_id, client = new_tenant(running)
+    resp = client.post_job({"model": MODEL, "input": {"instances": REFERENCE["texts"]}, "accelerator": "gpu"})
+    assert resp.status_code == 202, resp.text
+    accepted = resp.json()
+    assert accepted["route"] == "gpu"
+    status = client.wait(accepted["id"], timeout_s=120)
+    assert status["status"] == "succeeded", status
+    assert_matches_reference(predictions(status["output_url"]))
+    manifest = requests.get(status["manifest_url"], timeout=30).json()
+    assert manifest["route"] == "gpu" and manifest["provider"] == "CPUExecutionProvider"
+    assert manifest["pipeline"]["rows_per_s"] > 0
+
+    record = work_record(running, tenant_id, accepted["id"])
+    batch = running.stack.client("batch")
+    (described,) = batch.describe_jobs(jobs=[record.details["batch_job_id"]])["jobs"]
+    assert described["parameters"]["spec"].endswith(f"/_specs/job-{accepted['id']}.json")
+    assert described["jobQueue"] == running.stack.ref("GpuJobQueue")
+
+    rows = UsageLedger(running.stack.client("dynamodb"), running.stack.table_name("usage")).rows(
+        tenant_id, date_of(record.created_at), date_of(time.time())
+    )
+    assert sum(r.calls for r in rows) == 1 and sum(r.inputs for r in rows) == len(REFERENCE["texts"])
+    assert sum(r.gpu_ms for r in rows) > 0
+
+
+def test_gpu_job_whose_container_dies_is_failed_by_the_batch_event(running: RunningStack) -> None:
+    tenant_id, client = new_tenant(running)
+    job_id = f"j_crash{uuid.uuid4().hex[:8]}"
+    WorkStore(running.stack.table("WorkTable")).create(
+        WorkRecord(id=job_id, kind="job", tenant=tenant_id, model=MODEL, route="gpu")
+    )
+    results = running.stack.bucket("results")
+    spec_key = f"results/{tenant_id}/_specs/job-{job_id}.json"
+    running.stack.client("s3").put_object(Bucket=results, Key=spec_key, Body=b"{not a spec")  # the worker dies
+    running.stack.client("batch").submit_job(
+        jobName=f"sif-job-{job_id}",
+        jobQueue=running.stack.ref("GpuJobQueue"),
+        jobDefinition=running.stack.ref("GpuJobDefinition"),
+        parameters={"spec": f"s3://{results}/{spec_key}"},
+    )
+    status = client.wait(job_id, timeout_s=120)
+    assert status["status"] == "failed"
+    assert "the GPU job failed in AWS Batch" in status["error"], status
+
+
+# ---------------------------------------------------------------------- callbacks
+class Hook:
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = threading.Event()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.calls.append((dict(self.headers), body))
+                self.send_response(503 if len(hook.calls) == 1 else 204)  # the first delivery is refused
+                self.end_headers()
+                if len(hook.calls) > 1:
+                    hook.arrived.set()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/sif"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_callback_is_signed_and_retried(running: RunningStack, tenant: tuple[str, Client]) -> None:
+    _, client = tenant
+    hook = Hook()
+    try:
+        resp = client.post_job({"model": MODEL, "input": {"instances": ["call me back"]}, "callback_url": hook.url})
+        job_id = resp.json()["id"]
+        assert hook.arrived.wait(60), "no callback arrived"
+    finally:
+        hook.server.shutdown()
+    secret = running.stack.function_env("WorkerFunction").get("SIF_CALLBACK_SECRET") or Settings().callback_secret
+    assert len(hook.calls) == 2  # refused once (503), retried with backoff, taken
+    for headers, body in hook.calls:
+        assert verify_signature(secret, headers, body)
+        assert not verify_signature("some-other-secret", headers, body)
+    payload = json.loads(hook.calls[-1][1])
+    assert payload["id"] == job_id and payload["status"] == "succeeded" and payload["rows"] == 1
+    assert len(predictions(payload["output_url"])) == 1
+
+
+def date_of(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).date()
