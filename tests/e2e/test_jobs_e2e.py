@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from sif_local.cli import main as sif
-from sif_local.stack import RunningStack, start_local_stack
+from sif_local.stack import LocalStack, start_workers
 from sif_metering.ledger import UsageLedger
 from sif_shared.jobs import verify_signature
 from sif_shared.settings import Settings
@@ -35,13 +36,22 @@ MODEL = "all-minilm-l6-v2"
 
 
 # ---------------------------------------------------------------------- the stack and its clients
+@dataclass
+class Jobs:
+    """The session's local stack and API, with its queue pollers and local Batch executor running."""
+
+    stack: LocalStack
+    api_url: str
+
+
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    stack = start_local_stack(api_port=0, aws_port=0, state_dir=tmp_path_factory.mktemp("jobs-stack"))
+def running(local_stack: LocalStack, api_url: str) -> Iterator[Jobs]:
+    services = start_workers(local_stack)  # SQS event sources and the Batch executor, as `sif up` starts them
     try:
-        yield stack
+        yield Jobs(local_stack, api_url)
     finally:
-        stack.stop()
+        for service in reversed(services):
+            service.stop()
 
 
 class Client:
@@ -77,13 +87,13 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def tenant(running: RunningStack) -> tuple[str, Client]:
+def tenant(running: Jobs) -> tuple[str, Client]:
     """A tenant of its own, so usage counts are exact."""
     info, key = running.stack.create_tenant(f"jobs-{uuid.uuid4().hex[:6]}")
     return str(info["tenant_id"]), Client(running.api_url, key)
 
 
-def new_tenant(running: RunningStack) -> tuple[str, Client]:
+def new_tenant(running: Jobs) -> tuple[str, Client]:
     info, key = running.stack.create_tenant(f"jobs-{uuid.uuid4().hex[:6]}")
     return str(info["tenant_id"]), Client(running.api_url, key)
 
@@ -102,12 +112,12 @@ def assert_matches_reference(rows: list[dict[str, Any]]) -> None:
         assert got.shape == (384,) and cosine >= 0.97, cosine
 
 
-def send_job(running: RunningStack, body: dict[str, Any] | str) -> None:
+def send_job(running: Jobs, body: dict[str, Any] | str) -> None:
     text = body if isinstance(body, str) else json.dumps(body)
     running.stack.client("sqs").send_message(QueueUrl=running.stack.queue_url("jobs"), MessageBody=text)
 
 
-def queue_depth(running: RunningStack, key: str) -> int:
+def queue_depth(running: Jobs, key: str) -> int:
     attrs = running.stack.client("sqs").get_queue_attributes(
         QueueUrl=running.stack.queue_url(key),
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
@@ -115,7 +125,7 @@ def queue_depth(running: RunningStack, key: str) -> int:
     return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
-def work_record(running: RunningStack, tenant_id: str, job_id: str) -> WorkRecord:
+def work_record(running: Jobs, tenant_id: str, job_id: str) -> WorkRecord:
     record = WorkStore(running.stack.table("WorkTable")).get(tenant_id, "job", job_id)
     assert record is not None
     return record
@@ -162,7 +172,7 @@ def test_invalid_jobs_are_refused_at_the_door(tenant: tuple[str, Client]) -> Non
         assert set(resp.json()["error"]) >= {"type", "message", "request_id"}
 
 
-def test_another_tenant_gets_404(running: RunningStack, tenant: tuple[str, Client]) -> None:
+def test_another_tenant_gets_404(running: Jobs, tenant: tuple[str, Client]) -> None:
     _, owner = tenant
     job_id = owner.post_job({"model": MODEL, "input": {"instances": ["mine"]}}).json()["id"]
     _, other = new_tenant(running)
@@ -174,7 +184,7 @@ def test_another_tenant_gets_404(running: RunningStack, tenant: tuple[str, Clien
 
 
 # ---------------------------------------------------------------------- straight on the queue
-def test_job_put_straight_on_the_queue(running: RunningStack, tenant: tuple[str, Client]) -> None:
+def test_job_put_straight_on_the_queue(running: Jobs, tenant: tuple[str, Client]) -> None:
     tenant_id, client = tenant
     job_id = f"j_raw{uuid.uuid4().hex[:12]}"
     send_job(running, {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": ["a", "b", "c"]}})
@@ -183,7 +193,7 @@ def test_job_put_straight_on_the_queue(running: RunningStack, tenant: tuple[str,
     assert [r["id"] for r in predictions(status["output_url"])] == [0, 1, 2]
 
 
-def test_unreadable_inputs_fail_with_their_reason(running: RunningStack, tenant: tuple[str, Client]) -> None:
+def test_unreadable_inputs_fail_with_their_reason(running: Jobs, tenant: tuple[str, Client]) -> None:
     tenant_id, client = tenant
     inbox = running.stack.bucket("inbox")
     key = f"incoming/{tenant_id}/jobs-input/{uuid.uuid4().hex[:8]}.jsonl"
@@ -196,7 +206,7 @@ def test_unreadable_inputs_fail_with_their_reason(running: RunningStack, tenant:
     assert failed_rows["status"] == "failed" and failed_rows["error"].startswith("line 2: bad JSON")
 
 
-def test_duplicate_message_one_run_one_bill(running: RunningStack) -> None:
+def test_duplicate_message_one_run_one_bill(running: Jobs) -> None:
     tenant_id, client = new_tenant(running)
     job_id = f"j_dup{uuid.uuid4().hex[:12]}"
     body = {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": ["one", "two", "three", "four"]}}
@@ -212,7 +222,7 @@ def test_duplicate_message_one_run_one_bill(running: RunningStack) -> None:
 
 # ---------------------------------------------------------------------- failures, the DLQ and redrive
 @pytest.fixture
-def quick_retries(running: RunningStack) -> Iterator[None]:
+def quick_retries(running: Jobs) -> Iterator[None]:
     """Failed messages come back after 1 s instead of the template's 30 min (restored after)."""
     sqs, url = running.stack.client("sqs"), running.stack.queue_url("jobs")
     before = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])["Attributes"]
@@ -225,7 +235,7 @@ def quick_retries(running: RunningStack) -> Iterator[None]:
 
 
 def test_poison_job_dead_letters_fails_visibly_and_redrives(
-    running: RunningStack, tenant: tuple[str, Client], quick_retries: None
+    running: Jobs, tenant: tuple[str, Client], quick_retries: None
 ) -> None:
     tenant_id, client = tenant
     job_id = f"j_poison{uuid.uuid4().hex[:8]}"
@@ -249,7 +259,7 @@ def test_poison_job_dead_letters_fails_visibly_and_redrives(
 
 
 # ---------------------------------------------------------------------- the GPU path
-def test_gpu_route_job_runs_through_batch_and_the_local_executor(running: RunningStack) -> None:
+def test_gpu_route_job_runs_through_batch_and_the_local_executor(running: Jobs) -> None:
     tenant_id, client = new_tenant(running)
     resp = client.post_job({"model": MODEL, "input": {"instances": REFERENCE["texts"]}, "accelerator": "gpu"})
     assert resp.status_code == 202, resp.text
@@ -275,7 +285,7 @@ def test_gpu_route_job_runs_through_batch_and_the_local_executor(running: Runnin
     assert sum(r.gpu_ms for r in rows) > 0
 
 
-def test_gpu_job_whose_container_dies_is_failed_by_the_batch_event(running: RunningStack) -> None:
+def test_gpu_job_whose_container_dies_is_failed_by_the_batch_event(running: Jobs) -> None:
     tenant_id, client = new_tenant(running)
     job_id = f"j_crash{uuid.uuid4().hex[:8]}"
     WorkStore(running.stack.table("WorkTable")).create(
@@ -319,7 +329,7 @@ class Hook:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def test_callback_is_signed_and_retried(running: RunningStack, tenant: tuple[str, Client]) -> None:
+def test_callback_is_signed_and_retried(running: Jobs, tenant: tuple[str, Client]) -> None:
     _, client = tenant
     hook = Hook()
     try:
