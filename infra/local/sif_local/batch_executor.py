@@ -146,15 +146,20 @@ class LocalBatchExecutor:
         log.info("local Batch executor watching %s", ", ".join(q.rsplit("/", 1)[-1] for q in self.queues))
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop watching; jobs still running get `grace_s` to finish, then SIGTERM (as Batch would)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         with self._lock:
             procs = list(self._procs.values())
+        deadline = time.monotonic() + grace_s
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _quiet_moto_runner(self) -> None:
@@ -256,7 +261,7 @@ class LocalBatchExecutor:
             log.info("Batch job %s attempt %d failed (%s); retrying", job_id, attempt, reason)
         job.stopped_at = time.time()
         log.info("Batch job %s %s (exit codes %s)", job_id, job.status, job.exit_codes)
-        if job.status == "FAILED":
+        if job.status == "FAILED" and not self._stop.is_set():  # not a job the shutdown itself ended
             self._emit_state_change(desc, job, parameters)
         return job
 
