@@ -138,6 +138,11 @@ def register(app: APIGatewayRestResolver, logger: Logger) -> None:
         message = f"{where}: {first['msg']}" + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
         return error_response(422, "validation_error", message, details=details)
 
+    @app.exception_handler(UnicodeDecodeError)
+    def not_text(exc: UnicodeDecodeError) -> Response:
+        details = [{"loc": ["body"], "msg": "the body is not UTF-8 text", "type": "json_invalid"}]
+        return error_response(422, "validation_error", "body: the body is not UTF-8 JSON", details=details)
+
     @app.exception_handler(RouteNotFoundError)
     def no_route(exc: RouteNotFoundError) -> Response:
         event = app.current_event

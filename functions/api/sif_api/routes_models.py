@@ -15,7 +15,9 @@ from sif_api.service import ApiService, get_service
 router = Router()
 
 
-@router.get("/v1/models", summary="List the models", tags=["models"], security=SECURITY, responses=error_responses(401))
+@router.get(
+    "/v1/models", summary="List the models", tags=["models"], security=SECURITY, responses=error_responses(401, ok=200)
+)
 def list_models(
     caller: Annotated[Caller, Depends(current_caller)], service: Annotated[ApiService, Depends(get_service)]
 ) -> ModelList:
@@ -27,7 +29,7 @@ def list_models(
     summary="One model",
     tags=["models"],
     security=SECURITY,
-    responses=error_responses(401, 404),
+    responses=error_responses(401, 404, ok=200),
 )
 def get_model(
     name: str, caller: Annotated[Caller, Depends(current_caller)], service: Annotated[ApiService, Depends(get_service)]

@@ -23,7 +23,7 @@ router = Router()
     description="By model and day; `from` and `to` (YYYY-MM-DD, inclusive) narrow it, default: this month.",
     tags=["usage"],
     security=SECURITY,
-    responses=error_responses(400, 401, 422),
+    responses=error_responses(400, 401, 422, ok=200),
 )
 def usage(
     caller: Annotated[Caller, Depends(current_caller)],

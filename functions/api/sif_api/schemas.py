@@ -23,8 +23,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_responses(*statuses: int) -> dict[int, OpenAPIResponse]:
-    """OpenAPI `responses` for a route's error statuses, all with the one error body."""
+def error_responses(*statuses: int, ok: int | None = None) -> dict[int, OpenAPIResponse]:
+    """OpenAPI `responses` for a route's error statuses, all with the one error body.
+
+    Passing `responses` hides the success response that powertools derives from the return
+    annotation; `ok=200` (or 202...) lists it again, with that annotation as its schema.
+    """
     what = {
         400: "bad request (e.g. a model used for the wrong task, an undecodable image)",
         401: "missing or unknown API key",
@@ -34,10 +38,12 @@ def error_responses(*statuses: int) -> dict[int, OpenAPIResponse]:
         429: "monthly quota used up (see Retry-After)",
         500: "internal error (the message carries the request id)",
     }
-    return {
-        s: {"description": what.get(s, "error"), "content": {"application/json": {"model": ErrorResponse}}}
-        for s in statuses
-    }
+    responses: dict[int, OpenAPIResponse] = {}
+    if ok is not None:
+        responses[ok] = {"description": "OK"}  # no content: powertools uses the return annotation
+    for s in statuses:
+        responses[s] = {"description": what.get(s, "error"), "content": {"application/json": {"model": ErrorResponse}}}
+    return responses
 
 
 # ---------------------------------------------------------------- meta

@@ -1,0 +1,62 @@
+"""Property-based run of the whole API from its own /openapi.json: no input, valid or not, gives a 5xx.
+
+Every operation gets its own examples (valid and invalid), and the routes with a model in the path
+run once per real model as well as with generated names, so most calls reach the models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import ApiClient
+
+pytestmark = pytest.mark.e2e
+
+# Per operation and generation mode; the default keeps the run well under a minute
+# (SIF_FUZZ_EXAMPLES=300 digs deeper).
+EXAMPLES = int(os.environ.get("SIF_FUZZ_EXAMPLES", "25"))
+MODELS = ["all-minilm-l6-v2", "open-nsfw", None]  # None: generated names
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
+def test_no_server_errors(api_url: str, new_tenant: Callable[..., ApiClient], mode: GenerationMode) -> None:
+    fuzzer = new_tenant("schemathesis", monthly_calls=0)  # 0: no quota, so 429s hide nothing
+    schema = schemathesis.openapi.from_url(api_url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 6
+    statuses: Counter[tuple[str, int]] = Counter()
+
+    for operation in operations:
+        names: list[str | None] = MODELS if "{name}" in operation.path else [None]
+        for name in names:
+            kwargs: dict[str, Any] = {"generation_mode": mode, "headers": fuzzer.headers()}
+            if name is not None:
+                kwargs["path_parameters"] = {"name": name}
+
+            @given(case=operation.as_strategy(**kwargs))
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            def run(case: schemathesis.Case) -> None:
+                response = case.call_and_validate(base_url=api_url, checks=[not_a_server_error], timeout=60)
+                statuses[(case.operation.label, response.status_code)] += 1
+
+            try:
+                run()
+            except Unsatisfiable:
+                # Nothing to make invalid (no parameters, or all of them fixed): nothing to test there.
+                assert mode == GenerationMode.NEGATIVE, operation.label
+
+    print(sorted(statuses.items()))
+    assert statuses and max(status for _, status in statuses) < 500
+    if mode == GenerationMode.POSITIVE:  # valid inputs do reach the models
+        assert statuses[("POST /v1/embeddings", 200)] + statuses[("POST /v1/models/{name}/predict", 200)] > 0
