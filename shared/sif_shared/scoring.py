@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -292,8 +291,12 @@ class Deadline:
         margin = min(max_margin_s * 1000.0, total * margin_fraction)
         return cls(lambda: float(context.get_remaining_time_in_millis()), margin)
 
-    def expired(self) -> bool:
-        return self._remaining is not None and self._remaining() <= self.margin_ms
+    def remaining_ms(self) -> float:
+        return float("inf") if self._remaining is None else self._remaining()
+
+    def expired(self, next_step_ms: float = 0.0) -> bool:
+        """True once what is left is within the margin, or too short for a step of `next_step_ms`."""
+        return self._remaining is not None and self._remaining() <= self.margin_ms + next_step_ms
 
 
 @dataclass(frozen=True)
@@ -471,8 +474,10 @@ def score_file(
     if state.phase == "scoring":
         reader = open_rows(source, fmt, model.field, state.position)
         max_rows = config.window_rows or model.window_rows
+        window_ms = 0.0  # the slowest recent window: the next one may take as long
         with reader:
             for window in _windows(iter(reader), max_rows, config.window_bytes):
+                started = time.monotonic()
                 run.score_window(window)
                 windows += 1
                 state.position = reader.position
@@ -482,7 +487,8 @@ def score_file(
                 if progress is not None:
                     fraction = min(1.0, reader.raw_offset / size) if size else 1.0
                     progress(Progress(state.rows, state.succeeded, state.failed, fraction))
-                if deadline.expired():
+                window_ms = max(window_ms * 0.8, (time.monotonic() - started) * 1000.0)
+                if deadline.expired(next_step_ms=1.5 * window_ms):
                     state.segment = segment + 1
                     run.save()
                     return ScoreSummary(False, state, windows=windows, resumed_from=resumed_from)
@@ -588,13 +594,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
-
-
-def estimate_rows(sample: bytes, sample_raw_bytes: int, total_raw_bytes: int) -> int:
-    """Rows in a file from a sample of its (decompressed) head: lines per raw byte, scaled up."""
-    if not sample or total_raw_bytes <= 0:
-        return 0
-    lines = sample.count(b"\n") + (0 if sample.endswith(b"\n") else 1)
-    if sample_raw_bytes >= total_raw_bytes:
-        return lines
-    return math.ceil(lines * total_raw_bytes / max(1, sample_raw_bytes))

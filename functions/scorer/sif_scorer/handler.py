@@ -1,0 +1,133 @@
+"""ScorerFunction: files dropped in the inbox (S3 -> SQS) scored into the results bucket.
+
+One SQS record is one S3 event (or the scorer's own hand-off). Records go through BatchProcessor
+with partial batch responses (the template sets ReportBatchItemFailures; the queue's visibility
+timeout is six times this function's timeout and a DLQ catches poison messages).
+
+Each (bucket, key, ETag, segment) runs at most once: powertools idempotency on the
+IdempotencyTable, whose in-progress records expire with this invocation's remaining time (the
+function timeout), so a crashed run's redelivery is not locked out. Duplicate S3 events (AWS
+delivers at least once; moto sends two for a multipart upload) and SQS redeliveries of a
+finished file therefore neither score nor bill again. A file too big for one invocation is
+checkpointed before the deadline and handed on to the next segment through the queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.idempotency import (
+    DynamoDBPersistenceLayer,
+    IdempotencyConfig,
+    idempotent_function,
+)
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from sif_scorer.events import Continuation, FileTask, InboxRecord, InboxS3Event, InboxS3Record, S3TestEvent
+from sif_shared.aws import client
+from sif_shared.filebatch import (
+    INBOX_PREFIX,
+    FileBatchRunner,
+    InboxFile,
+    NotAnInboxFileError,
+    services_from_settings,
+)
+from sif_shared.scoring import Deadline
+from sif_shared.settings import get_settings
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+settings = get_settings()
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+processor = BatchProcessor(event_type=EventType.SQS, model=InboxRecord, raise_on_entire_batch_failure=False)
+sqs = client("sqs")
+
+
+def hand_on(file: InboxFile, segment: int) -> None:
+    """Queue the file's next segment (the current invocation is about to run out of time)."""
+    if not settings.inbox_queue_url:
+        raise RuntimeError("SIF_INBOX_QUEUE_URL is not set: a long file cannot be handed on")
+    message = Continuation(bucket=file.bucket, key=file.key, etag=file.etag, size=file.size, segment=segment)
+    sqs.send_message(QueueUrl=settings.inbox_queue_url, MessageBody=message.model_dump_json())
+
+
+runner = FileBatchRunner(services_from_settings(settings, batch=client("batch"), continue_with=hand_on))
+idempotency = IdempotencyConfig(
+    event_key_jmespath="[bucket, key, etag, segment]",
+    raise_on_no_idempotency_key=True,
+    expires_after_seconds=IDEMPOTENCY_TTL_S,
+)
+persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
+_invocation: dict[str, LambdaContext] = {}
+
+
+@idempotent_function(data_keyword_argument="task", persistence_store=persistence, config=idempotency)
+def score_task(task: FileTask) -> dict[str, Any]:
+    file = InboxFile.parse(task.bucket, task.key, task.etag, task.size)
+    outcome = runner.handle(file, task.segment, Deadline.from_context(_invocation["context"]))
+    logger.info("file batch", extra={"key": file.key, "segment": task.segment, **outcome.as_dict()})
+    if outcome.status in ("succeeded", "failed"):
+        metrics.add_metric(name="FilesFinished", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="RowsScored", unit=MetricUnit.Count, value=outcome.rows)
+    return outcome.as_dict()
+
+
+def tasks_from_s3(event: InboxS3Event) -> list[FileTask]:
+    tasks = []
+    for record in event.Records:
+        task = task_from_s3(record)
+        if task is not None:
+            tasks.append(task)
+    return tasks
+
+
+def task_from_s3(record: InboxS3Record) -> FileTask | None:
+    """The file an S3 record announces, or None when it is not ours to score (logged)."""
+    bucket, key, obj = record.s3.bucket.name, record.object_key, record.s3.object
+    if not record.created or obj is None:
+        logger.info("ignoring a non-create S3 event", extra={"event": record.eventName, "key": key})
+        return None
+    if settings.inbox_bucket and bucket != settings.inbox_bucket:
+        logger.warning("ignoring an event from another bucket", extra={"bucket": bucket, "key": key})
+        return None
+    if not key.startswith(INBOX_PREFIX):
+        logger.info("ignoring an object outside incoming/", extra={"key": key})
+        return None
+    try:
+        InboxFile.parse(bucket, key, obj.eTag or "", int(obj.size or 0))
+    except NotAnInboxFileError as exc:
+        logger.warning("ignoring an object that is not a batch file", extra={"key": key, "reason": str(exc)})
+        return None
+    return FileTask(bucket=bucket, key=key, etag=(obj.eTag or "").strip('"'), size=int(obj.size or 0))
+
+
+@tracer.capture_method
+def record_handler(record: InboxRecord) -> list[dict[str, Any]]:
+    body = record.body
+    if isinstance(body, S3TestEvent):
+        logger.info("S3 test event", extra={"bucket": body.Bucket})
+        return []
+    if isinstance(body, Continuation):
+        tasks = [FileTask(bucket=body.bucket, key=body.key, etag=body.etag, size=body.size, segment=body.segment)]
+    else:
+        tasks = tasks_from_s3(body)
+    # A duplicate of a file running right now raises IdempotencyAlreadyInProgressError: the record
+    # fails and SQS redelivers it later, when it finds the finished result (or takes over a crash).
+    return [score_task(task=task) for task in tasks]
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    idempotency.register_lambda_context(context)
+    _invocation["context"] = context
+    response = process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )
+    return dict(response)
