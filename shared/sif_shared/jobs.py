@@ -51,7 +51,7 @@ from sif_shared.routing import (
     submit_gpu_job,
 )
 from sif_shared.rows import BadRow, FileFormatError, decode_b64, detect_format, open_rows
-from sif_shared.scoring import round_significant
+from sif_shared.scoring import Deadline, round_significant
 from sif_shared.settings import Settings
 from sif_shared.work import TERMINAL, WorkRecord, WorkStore
 
@@ -75,6 +75,10 @@ class JobFailedError(Exception):
 
 class JobInputError(JobFailedError):
     """The job's input is missing, unreadable or has bad rows."""
+
+
+class DeadlineReached(Exception):
+    """The worker function is about to time out: the job goes on the GPU queue instead."""
 
 
 # ---------------------------------------------------------------------- the message
@@ -520,8 +524,12 @@ class JobRunner:
         return max(1, size // (30 if key.endswith(".gz") else 100))
 
     # ------------------------------------------------------------ the one entry point
-    def handle(self, job: JobMessage) -> JobOutcome:
-        """Run (cpu) or submit (gpu) one job; JobFailedError marks it failed, other errors propagate."""
+    def handle(self, job: JobMessage, deadline: Deadline | None = None) -> JobOutcome:
+        """Run (cpu) or submit (gpu) one job; JobFailedError marks it failed, other errors propagate.
+
+        A cpu job still running when `deadline` (the invocation's time left) nears is handed to the
+        GPU queue rather than killed by the Lambda timeout: the router's estimate was off.
+        """
         try:
             route = self.route_for(job)
         except JobFailedError as exc:
@@ -534,7 +542,13 @@ class JobRunner:
             return JobOutcome("skipped", record.route)
         if route == "gpu":
             return self.submit_gpu(job, record)
-        return self.run_cpu(job, record)
+        try:
+            return self.run_cpu(job, record, deadline or Deadline.never())
+        except DeadlineReached as exc:
+            log.warning("job %s: %s; handing it to the GPU queue", job.id, exc)
+            details = {**record.details, "handed_off": str(exc)}
+            self.s.store.update(job.tenant, "job", job.id, status="queued", progress=0.0, details=details)
+            return self.submit_gpu(job, record.model_copy(update={"details": details}))
 
     def submit_gpu(self, job: JobMessage, record: WorkRecord) -> JobOutcome:
         existing = record.details.get("batch_job_id")
@@ -575,7 +589,7 @@ class JobRunner:
         with stream:
             yield from iter_file_rows(manifest, stream, key, size)
 
-    def run_cpu(self, job: JobMessage, record: WorkRecord) -> JobOutcome:
+    def run_cpu(self, job: JobMessage, record: WorkRecord, deadline: Deadline) -> JobOutcome:
         started = time.monotonic()
         self.mark_running(job.tenant, job.id, route="cpu", runs=int(record.details.get("runs", 0)) + 1)
         try:
@@ -585,8 +599,14 @@ class JobRunner:
             tokens = pixels = 0
             last_progress = time.monotonic()
             try:
+                chunk_ms = 0.0
                 for chunk in iter_chunks(self.rows_of(job, predictor.manifest), CHUNK_ITEMS):
+                    # One chunk always runs, so the small jobs after a long one in the batch still do.
+                    if writer.rows and deadline.expired(next_step_ms=chunk_ms):
+                        raise DeadlineReached(f"the worker function's time ran out after {writer.rows} rows")
+                    chunk_started = time.monotonic()
                     result = predictor.predict([r.value for r in chunk])
+                    chunk_ms = (time.monotonic() - chunk_started) * 1000
                     writer.write([r.id for r in chunk], result.predictions)
                     tokens += result.tokens
                     pixels += result.pixels

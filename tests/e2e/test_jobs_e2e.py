@@ -352,3 +352,40 @@ def date_of(ts: float) -> Any:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).date()
+
+
+# ---------------------------------------------------------------------- the worker's time running out
+def test_cpu_job_that_outgrows_the_worker_is_handed_to_the_gpu_queue(
+    running: Jobs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker function's own code path, in-process, with an invocation whose time is already up."""
+    from sif_inference.registry import ModelRegistry
+    from sif_shared.jobs import JobMessage, JobRunner, JobServices
+    from sif_shared.model_store import S3ModelSource
+    from sif_shared.scoring import Deadline
+
+    for name, value in running.stack.function_env("WorkerFunction").items():
+        monkeypatch.setenv(name, value)
+    stack, settings = running.stack, Settings.from_env()
+    s3 = stack.client("s3")
+    runner = JobRunner(
+        JobServices(
+            settings=settings,
+            s3=s3,
+            store=WorkStore(stack.table("WorkTable")),
+            ledger=UsageLedger(stack.client("dynamodb"), settings.usage_table),
+            registry=ModelRegistry(S3ModelSource(s3, settings.models_bucket), tmp_path),
+            batch=stack.client("batch"),
+        )
+    )
+    tenant_id, client = new_tenant(running)
+    texts = [f"text number {i}" for i in range(300)]  # two chunks: one runs here, then time is up
+    job = JobMessage(id=f"j_handoff{uuid.uuid4().hex[:8]}", tenant=tenant_id, model=MODEL, input={"instances": texts})
+    outcome = runner.handle(job, Deadline(lambda: 0.0, margin_ms=1000))
+    assert outcome.status == "submitted" and outcome.route == "gpu", outcome
+
+    status = client.wait(job.id, timeout_s=120)
+    assert status["status"] == "succeeded" and status["route"] == "gpu" and status["rows"] == 300, status
+    record = work_record(running, tenant_id, job.id)
+    assert record.details["handed_off"].startswith("the worker function's time ran out after 256 rows")
+    assert client.usage()["total"]["calls"] == 1

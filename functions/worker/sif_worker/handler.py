@@ -30,6 +30,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_shared.aws import client
 from sif_shared.jobs import JobMessage, JobRunner, callbacks_allowed, max_receive_count, services_from_settings
+from sif_shared.scoring import Deadline
 from sif_shared.settings import get_settings
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -54,17 +55,17 @@ def last_receive() -> int:
 
 
 @idempotent_function(data_keyword_argument="job", persistence_store=persistence, config=idempotency)
-def run_job(job: JobMessage) -> dict[str, Any]:
-    outcome = runner.handle(job)
+def run_job(job: JobMessage, deadline: Deadline) -> dict[str, Any]:
+    outcome = runner.handle(job, deadline)
     logger.info("job done", extra={"job_id": job.id, "tenant": job.tenant, **outcome.as_dict()})
     return outcome.as_dict()
 
 
 @tracer.capture_method
-def record_handler(record: SQSRecord) -> dict[str, Any]:
+def handle_record(record: SQSRecord, deadline: Deadline) -> dict[str, Any]:
     attempts = int(record.attributes.approximate_receive_count or 1)
     try:
-        return run_job(job=JobMessage.model_validate_json(record.body))
+        return run_job(job=JobMessage.model_validate_json(record.body), deadline=deadline)
     except IdempotencyAlreadyInProgressError:
         raise  # a duplicate of a job running right now: redelivered later, never given up on
     except Exception as exc:
@@ -78,6 +79,11 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     idempotency.register_lambda_context(context)
+    deadline = Deadline.from_context(context)  # a cpu job still running near the timeout goes to Batch
+
+    def record_handler(record: SQSRecord) -> dict[str, Any]:
+        return handle_record(record, deadline)
+
     response = process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
