@@ -206,7 +206,29 @@ def test_unreadable_inputs_fail_with_their_reason(running: Jobs, tenant: tuple[s
     assert failed_rows["status"] == "failed" and failed_rows["error"].startswith("line 2: bad JSON")
 
 
-def test_duplicate_message_one_run_one_bill(running: Jobs) -> None:
+@pytest.fixture(scope="module")
+def job_events(running: Jobs) -> Callable[[str], list[dict[str, Any]]]:
+    """An SQS queue subscribed to the job events topic; returns a reader of one job's events."""
+    sqs, sns = running.stack.client("sqs"), running.stack.client("sns")
+    url = sqs.create_queue(QueueName=f"job-events-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    topic = running.stack.ref("JobEventsTopic")
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "true"})
+    seen: list[dict[str, Any]] = []
+
+    def events_of(job_id: str) -> list[dict[str, Any]]:
+        while True:
+            messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+            if not messages:
+                return [e for e in seen if e["id"] == job_id]
+            for message in messages:
+                seen.append(json.loads(message["Body"]))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+    return events_of
+
+
+def test_duplicate_message_one_run_one_bill(running: Jobs, job_events: Callable[[str], list[dict[str, Any]]]) -> None:
     tenant_id, client = new_tenant(running)
     job_id = f"j_dup{uuid.uuid4().hex[:12]}"
     body = {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": ["one", "two", "three", "four"]}}
@@ -218,6 +240,8 @@ def test_duplicate_message_one_run_one_bill(running: Jobs) -> None:
     assert work_record(running, tenant_id, job_id).details["runs"] == 1
     total = client.usage()["total"]
     assert total["calls"] == 1 and total["inputs"] == 4, total
+    (event,) = job_events(job_id)  # announced once, too
+    assert event["type"] == "job.succeeded" and event["tenant"] == tenant_id and event["rows"] == 4
 
 
 # ---------------------------------------------------------------------- failures, the DLQ and redrive
