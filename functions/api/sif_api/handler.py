@@ -15,7 +15,16 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sif_api import errors, routes_inference, routes_jobs, routes_meta, routes_models, routes_usage, service
+from sif_api import (
+    errors,
+    routes_batches,
+    routes_inference,
+    routes_jobs,
+    routes_meta,
+    routes_models,
+    routes_usage,
+    service,
+)
 from sif_shared.settings import Settings
 
 # Usage metrics go out per call through sif_metering (tenant and model dimensions); requests that
@@ -27,7 +36,7 @@ tracer = Tracer()
 metrics = Metrics()
 
 app = APIGatewayRestResolver(enable_validation=True)
-for module in (routes_meta, routes_models, routes_inference, routes_usage, routes_jobs):
+for module in (routes_meta, routes_models, routes_inference, routes_usage, routes_jobs, routes_batches):
     app.include_router(module.router)
 routes_meta.add_openapi(app)
 errors.register(app, logger)

@@ -4,7 +4,7 @@ sif up                              start the local stack in the foreground (Ctr
 sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key
 sif env                             shell exports for talking to the running stack's emulator
 sif jobs redrive [--max N]          move dead-lettered job messages back to the jobs queue
-sif score FILE --model M            (not yet implemented)
+sif score FILE --model M            upload a file as a batch, show its progress, download the results
 sif usage                           (not yet implemented)
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sif_local import score_cli
 from sif_local.awsemu import PortInUseError, aws_client_env
 
 log = logging.getLogger("sif_local.cli")
@@ -209,10 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     redrive.add_argument("--max", type=int, default=None, help="move at most this many (default: all)")
     redrive.set_defaults(func=cmd_jobs_redrive)
 
-    score = sub.add_parser("score", help="score a file through the batch path (not yet implemented)")
-    score.add_argument("file", nargs="?")
-    score.add_argument("--model", default=None)
-    score.set_defaults(func=cmd_not_implemented)
+    score = sub.add_parser("score", help="score a file through the batch path: upload, progress, results")
+    score_cli.add_arguments(score)
+    score.set_defaults(func=score_cli.cmd_score)
 
     usage = sub.add_parser("usage", help="usage of a tenant (not yet implemented)")
     usage.set_defaults(func=cmd_not_implemented)

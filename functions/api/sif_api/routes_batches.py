@@ -1,0 +1,190 @@
+"""POST /v1/batches (a presigned upload into the caller's inbox prefix) and GET /v1/batches/{id}.
+
+Creating a batch records it (queued) in the work table and returns a presigned PUT for
+`incoming/{tenant}/{model}/{id}.{format}` that expires; the upload itself triggers scoring
+(S3 -> SQS -> the scorer function, or the GPU queue when the router says so). The status route
+gives counts and progress, and, once the batch is done, presigned GETs for its predictions,
+errors and manifest in the results bucket. A batch id is looked up under the caller's tenant only,
+so another tenant's batch is a 404; no URL ever points outside the caller's own prefixes.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.event_handler.depends import Depends
+from aws_lambda_powertools.event_handler.openapi.params import Body
+from pydantic import BaseModel, ConfigDict, Field
+
+from sif_api.caller import Caller, current_caller
+from sif_api.errors import NotFoundError
+from sif_api.routes_meta import SECURITY
+from sif_api.schemas import ModelName, error_responses
+from sif_api.service import ApiService, get_service
+from sif_shared.filebatch import BATCH_ID, INBOX_PREFIX, RESULTS_PREFIX
+from sif_shared.routing import Accelerator, Route
+from sif_shared.rows import Format
+from sif_shared.scoring import OUTPUT_FILES
+from sif_shared.settings import Settings, get_settings
+from sif_shared.work import WorkRecord, WorkStore, new_id
+
+logger = Logger(child=True)
+router = Router()
+
+
+class CreateBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName
+    format: Format = Field(default="jsonl", description="the file you will upload")
+    accelerator: Accelerator = Field(default="auto", description="auto: the router decides from the file's size")
+
+
+class CreateBatchResponse(BaseModel):
+    id: str = Field(examples=["b_4f0c2a9e1b7d3c5a6e8f"])
+    status: Literal["queued"] = "queued"
+    upload_url: str = Field(description="PUT the file here (no extra headers needed) before expires_at")
+    upload_method: Literal["PUT"] = "PUT"
+    expires_at: int = Field(description="when upload_url stops working (Unix seconds)")
+    key: str = Field(description="where the upload lands in the inbox bucket")
+
+
+class BatchStatusResponse(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    route: Route
+    model: str
+    rows: int = Field(description="rows read so far (all of them once finished)")
+    succeeded: int
+    failed: int = Field(description="rows that failed; each is in errors.jsonl with its line and reason")
+    progress: float = Field(description="0..1, of the file's bytes")
+    result_url: str | None = Field(default=None, description="presigned GET of predictions.jsonl (succeeded only)")
+    errors_url: str | None = Field(default=None, description="presigned GET of errors.jsonl (succeeded only)")
+    manifest_url: str | None = None
+    error: str | None = Field(default=None, description="why the file as a whole failed")
+    created_at: float
+    updated_at: float
+
+
+class BatchesApi:
+    """What the batch routes need, built once per process on first use."""
+
+    def __init__(self, settings: Settings, s3: Any, store: WorkStore) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self.store = store
+
+    def create(self, caller: Caller, req: CreateBatchRequest, api: ApiService) -> CreateBatchResponse:
+        api.manifest(req.model)  # an unknown model is a 404 now, not a failed batch later
+        tenant = caller.tenant_id
+        batch_id = new_id("batch")
+        key = f"{INBOX_PREFIX}{tenant}/{req.model}/{batch_id}.{req.format}"
+        ttl = self.settings.presign_ttl_s
+        expires_at = int(time.time()) + ttl
+        record = WorkRecord(
+            id=batch_id,
+            kind="batch",
+            tenant=tenant,
+            model=req.model,
+            input_key=key,
+            output_prefix=f"{RESULTS_PREFIX}{tenant}/{req.model}/{batch_id}/",
+            details={
+                "origin": "api",
+                "format": req.format,
+                "accelerator": req.accelerator,
+                "upload_expires_at": expires_at,
+            },
+        )
+        self.store.create(record)
+        url: str = self.s3.generate_presigned_url(
+            "put_object", Params={"Bucket": self.settings.inbox_bucket, "Key": key}, ExpiresIn=ttl
+        )
+        logger.info("batch created", extra={"batch_id": batch_id, "tenant": tenant, "model": req.model})
+        return CreateBatchResponse(id=batch_id, upload_url=url, expires_at=expires_at, key=key)
+
+    def status(self, caller: Caller, batch_id: str) -> BatchStatusResponse:
+        record = self.store.get(caller.tenant_id, "batch", batch_id) if BATCH_ID.match(batch_id) else None
+        if record is None:
+            raise NotFoundError(f"no batch {batch_id!r}")
+        done = record.status == "succeeded"
+        response = BatchStatusResponse(
+            id=record.id,
+            status=record.status,
+            route=record.route,
+            model=record.model,
+            rows=record.rows,
+            succeeded=record.succeeded,
+            failed=record.failed,
+            progress=1.0 if done else record.progress,
+            error=record.error if record.status == "failed" else None,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+        prefix = record.output_prefix
+        if prefix and prefix.startswith(f"{RESULTS_PREFIX}{caller.tenant_id}/"):
+            if done:
+                response.result_url = self._presign(prefix + OUTPUT_FILES["predictions"])
+                response.errors_url = self._presign(prefix + OUTPUT_FILES["errors"])
+            if record.status in ("succeeded", "failed"):
+                response.manifest_url = self._presign(prefix + OUTPUT_FILES["manifest"])
+        return response
+
+    def _presign(self, key: str) -> str:
+        url: str = self.s3.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.settings.results_bucket, "Key": key},
+            ExpiresIn=self.settings.presign_ttl_s,
+        )
+        return url
+
+
+@cache
+def get_batches() -> BatchesApi:
+    """A Depends() provider: clients and settings built on first use, then reused while warm."""
+    from sif_shared.aws import client, table
+
+    settings = get_settings()
+    return BatchesApi(settings, client("s3"), WorkStore(table(settings.work_table)))
+
+
+@router.post(
+    "/v1/batches",
+    status_code=201,
+    summary="Create a file batch and get an upload URL",
+    description=(
+        'PUT a JSONL (`{"id", "text"}` or `{"id", "b64"}` rows) or CSV (a header with `id` and `text`) '
+        "file, optionally gzipped, to `upload_url`; scoring starts when the upload completes. Poll "
+        "`GET /v1/batches/{id}` for progress and the result URLs."
+    ),
+    tags=["batches"],
+    security=SECURITY,
+    responses=error_responses(401, 404, 422, 429, 500, ok=201),
+)
+def create_batch(
+    body: Annotated[CreateBatchRequest, Body()],
+    caller: Annotated[Caller, Depends(current_caller)],
+    service: Annotated[ApiService, Depends(get_service)],
+    batches: Annotated[BatchesApi, Depends(get_batches)],
+) -> CreateBatchResponse:
+    return batches.create(caller, body, service)
+
+
+@router.get(
+    "/v1/batches/<batch_id>",
+    summary="A batch's status, counts and result URLs",
+    description="Only the caller's own batches: any other id is 404. A file with some bad rows still "
+    "ends `succeeded`, with `failed` > 0 and each bad row in errors.jsonl.",
+    tags=["batches"],
+    security=SECURITY,
+    responses=error_responses(401, 404, 500, ok=200),
+)
+def get_batch(
+    batch_id: str,
+    caller: Annotated[Caller, Depends(current_caller)],
+    batches: Annotated[BatchesApi, Depends(get_batches)],
+) -> BatchStatusResponse:
+    return batches.status(caller, batch_id)

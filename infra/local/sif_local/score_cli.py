@@ -1,0 +1,195 @@
+"""`sif score FILE --model M`: a file through the batch path, as any API user would send it.
+
+POST /v1/batches, PUT the file to the presigned upload URL, poll GET /v1/batches/{id} with a
+progress bar, then download predictions.jsonl, errors.jsonl and manifest.json next to the file
+(`FILE.results/` unless --out says otherwise). Only the HTTP API and presigned URLs are used: no
+AWS credentials needed. The API URL and key come from --api-url / --key, else $SIF_API_URL /
+$SIF_KEY, else the running local stack's stack.json (its demo tenant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from sif_shared.rows import detect_format, strip_format
+
+POLL_S = 0.5
+BAR_WIDTH = 30
+TERMINAL = ("succeeded", "failed")
+
+
+class ScoreError(Exception):
+    """Something the user should read: the API's error message, a missing file, a timeout."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a .jsonl or .csv file (optionally .gz)")
+    parser.add_argument("--model", required=True, help="model name, e.g. all-minilm-l6-v2")
+    parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--out", type=Path, default=None, help="where results go (default: FILE.results/)")
+    parser.add_argument("--api-url", default=None, help="default: $SIF_API_URL or the local stack's")
+    parser.add_argument("--key", default=None, help="API key (default: $SIF_KEY or the local stack's demo key)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the batch")
+    parser.add_argument("--no-wait", action="store_true", help="upload and print the batch id, do not wait")
+
+
+# ---------------------------------------------------------------------- HTTP
+def _request(
+    method: str, url: str, *, key: str | None = None, body: Any = None, data: IO[bytes] | None = None, size: int = 0
+) -> tuple[int, bytes]:
+    headers = {"Accept": "application/json"}
+    payload: Any = None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if body is not None:
+        payload = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    elif data is not None:
+        payload = data
+        headers["Content-Length"] = str(size)
+    req = urllib.request.Request(url, data=payload, method=method, headers=headers)  # noqa: S310 - http(s) only
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:  # noqa: S310
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def _api(method: str, url: str, key: str, body: Any = None) -> dict[str, Any]:
+    status, raw = _request(method, url, key=key, body=body)
+    try:
+        data: dict[str, Any] = json.loads(raw or b"{}")
+    except json.JSONDecodeError:
+        data = {}
+    if status >= 300:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        raise ScoreError(f"{method} {url} -> {status}: {error.get('message') or raw[:200]!r}")
+    return data
+
+
+def _download(url: str, target: Path) -> None:
+    tmp = target.with_name(target.name + ".part")
+    with urllib.request.urlopen(url, timeout=300) as resp, open(tmp, "wb") as out:  # noqa: S310
+        shutil.copyfileobj(resp, out, 1 << 20)
+    tmp.replace(target)
+
+
+# ---------------------------------------------------------------------- progress
+class ProgressBar:
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+        self.last_print = 0.0
+
+    def show(self, status: dict[str, Any]) -> None:
+        fraction = float(status.get("progress") or 0.0)
+        filled = round(fraction * BAR_WIDTH)
+        line = (
+            f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction * 100:5.1f}%  "
+            f"{status.get('rows', 0)} rows, {status.get('failed', 0)} failed  {status.get('status')}"
+            f"{' (gpu)' if status.get('route') == 'gpu' else ''}"
+        )
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last)))
+            self.stream.flush()
+        elif line != self.last and (now - self.last_print >= 5 or status.get("status") in TERMINAL):
+            self.stream.write(line + "\n")
+            self.last_print = now
+        self.last = line
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\n")
+
+
+# ---------------------------------------------------------------------- the command
+def resolve_api(args: argparse.Namespace) -> tuple[str, str]:
+    url = args.api_url or os.environ.get("SIF_API_URL")
+    key = args.key or os.environ.get("SIF_KEY")
+    if not url or not key:
+        from sif_local.stack import read_stack_json
+
+        info = read_stack_json(getattr(args, "stack_json", None))
+        url = url or info["api_url"]
+        key = key or info.get("demo_api_key")
+    if not key:
+        raise ScoreError("no API key: pass --key or set SIF_KEY")
+    return str(url).rstrip("/"), str(key)
+
+
+def score(args: argparse.Namespace, *, err: IO[str] = sys.stderr) -> dict[str, Any]:
+    path: Path = args.file
+    if not path.is_file():
+        raise ScoreError(f"{path}: no such file")
+    fmt = detect_format(path.name)
+    if fmt is None:
+        raise ScoreError(f"{path.name}: expected a .jsonl or .csv file, optionally .gz")
+    url, key = resolve_api(args)
+    batch = _api(
+        "POST", f"{url}/v1/batches", key, {"model": args.model, "format": fmt, "accelerator": args.accelerator}
+    )
+    size = path.stat().st_size
+    print(f"batch {batch['id']}: uploading {path.name} ({size} bytes)", file=err)
+    with open(path, "rb") as fh:
+        status, raw = _request("PUT", batch["upload_url"], data=fh, size=size)
+    if status >= 300:
+        raise ScoreError(f"upload failed with {status}: {raw[:300]!r}")
+    if args.no_wait:
+        return {"id": batch["id"], "status": "queued"}
+    bar = ProgressBar(err)
+    deadline = time.monotonic() + args.timeout
+    state: dict[str, Any] = {}
+    try:
+        while time.monotonic() < deadline:
+            state = _api("GET", f"{url}/v1/batches/{batch['id']}", key)
+            bar.show(state)
+            if state.get("status") in TERMINAL:
+                break
+            time.sleep(POLL_S)
+        else:
+            raise ScoreError(f"batch {batch['id']} did not finish within {args.timeout:.0f} s (last: {state})")
+    finally:
+        bar.done()
+    out: Path = args.out or path.with_name(strip_format(path.name) + ".results")
+    out.mkdir(parents=True, exist_ok=True)
+    for field, name in (
+        ("result_url", "predictions.jsonl"),
+        ("errors_url", "errors.jsonl"),
+        ("manifest_url", "manifest.json"),
+    ):
+        if state.get(field):
+            _download(state[field], out / name)
+    state["out"] = str(out)
+    return state
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    try:
+        state = score(args)
+    except (ScoreError, FileNotFoundError, urllib.error.URLError) as exc:
+        print(f"sif score: {exc}", file=sys.stderr)
+        return 1
+    if args.no_wait:
+        print(state["id"])
+        return 0
+    if state["status"] != "succeeded":
+        print(f"sif score: batch {state['id']} failed: {state.get('error')}", file=sys.stderr)
+        return 1
+    print(
+        f"batch {state['id']}: {state['rows']} rows, {state['succeeded']} scored, {state['failed']} failed "
+        f"(route {state['route']}); results in {state['out']}",
+        file=sys.stderr,
+    )
+    print(Path(state["out"]) / "predictions.jsonl")
+    return 0
