@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
+import socket
 import tempfile
 import time
 import urllib.error
@@ -30,6 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
@@ -107,7 +110,7 @@ class JobMessage(BaseModel):
     version: Literal[1] = 1
     id: str = Field(pattern=ID_PATTERN, description="job id; POST /v1/jobs makes j_<hex>")
     tenant: str = Field(pattern=ID_PATTERN, description="the owning tenant's id")
-    model: str = Field(min_length=1, max_length=128)
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     input: JobInput
     accelerator: Accelerator = "auto"
     route: Route | None = Field(default=None, description="decided by the API; the worker routes when absent")
@@ -118,13 +121,18 @@ class JobMessage(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("callback_url must be an http(s) URL")
-        return value
+        return check_callback_url(value)
 
     @property
     def metering_id(self) -> str:
         return f"job#{self.id}"
+
+
+def check_callback_url(value: str | None) -> str | None:
+    """A callback_url must be http(s) with a host (where it points is checked again at delivery)."""
+    if value is not None and not re.match(r"^https?://[^\s/?#]+", value):
+        raise ValueError("callback_url must be an http(s) URL")
+    return value
 
 
 def output_prefix(tenant: str, model: str, job_id: str) -> str:
@@ -388,6 +396,30 @@ class CallbackPolicy:
     base_delay_s: float = 0.5
     max_delay_s: float = 4.0
     timeout_s: float = 5.0
+    # Off in AWS: a callback must not reach the function's own network (127.0.0.1, 169.254.x, the VPC).
+    allow_private_hosts: bool = False
+
+
+def callback_policy_for(environ: Mapping[str, str]) -> CallbackPolicy | None:
+    """Callbacks are signed, so they go out only with a configured secret; the local stack (SIF_LOCAL=1)
+    signs with the built-in one and calls back to 127.0.0.1. None: no callbacks."""
+    local = environ.get("SIF_LOCAL") == "1"
+    if not environ.get("SIF_CALLBACK_SECRET") and not local:
+        return None
+    return CallbackPolicy(allow_private_hosts=local)
+
+
+def public_host(url: str) -> bool:
+    """Whether every address the URL's host resolves to is a public one."""
+    host = urlsplit(url).hostname
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    addresses = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+    return bool(addresses) and all(a.is_global for a in addresses)
 
 
 def deliver_callback(
@@ -404,6 +436,9 @@ def deliver_callback(
     Returns whether the receiver took it (2xx). Never raises: a callback cannot fail a job.
     """
     policy = policy or CallbackPolicy()
+    if not policy.allow_private_hosts and not public_host(url):
+        log.warning("callback to %s refused: its host is not a public address", url)
+        return False
     body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
     for attempt in range(1, policy.attempts + 1):
         timestamp = str(int(time.time()))
@@ -443,9 +478,8 @@ class JobServices:
     sns: Any = None
     batch: Any = None
     post: HttpPost = urllib_post
-    callback_policy: CallbackPolicy = field(default_factory=CallbackPolicy)
+    callback_policy: CallbackPolicy | None = field(default_factory=CallbackPolicy)  # None: no callbacks
     presign_ttl_s: int = 3600
-    callbacks: bool = True  # False: no signing secret was configured, so nothing is called back
 
 
 @dataclass
@@ -787,7 +821,7 @@ class JobRunner:
                 )
             except ClientError as exc:  # an announcement must not undo a finished job
                 log.warning("could not publish job %s %s to SNS: %s", job_id, status, exc)
-        if callback_url and not self.s.callbacks:
+        if callback_url and self.s.callback_policy is None:
             log.error("job %s has a callback_url but no CallbackSigningSecret is configured: not called back", job_id)
         elif callback_url:
             payload: dict[str, Any] = {"id": job_id, "status": status, "model": model}
@@ -800,11 +834,6 @@ class JobRunner:
                 callback_url, payload, self.s.settings.callback_secret, post=self.s.post, policy=self.s.callback_policy
             )
             self.s.store.update(tenant, "job", job_id, callback_delivered=delivered)
-
-
-def callbacks_allowed(environ: Mapping[str, str]) -> bool:
-    """Callbacks are signed, so they go out only with a configured secret (or on the local stack)."""
-    return bool(environ.get("SIF_CALLBACK_SECRET")) or environ.get("SIF_LOCAL") == "1"
 
 
 def services_from_settings(settings: Settings, **overrides: Any) -> JobServices:

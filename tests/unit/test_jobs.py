@@ -25,7 +25,7 @@ from sif_shared.jobs import (
     InputRow,
     JobInputError,
     JobMessage,
-    callbacks_allowed,
+    callback_policy_for,
     deliver_callback,
     describe_error,
     instance_rows,
@@ -87,6 +87,7 @@ def base_job(**changes: Any) -> dict[str, Any]:
         {"accelerator": "tpu"},
         {"callback_url": "file:///etc/passwd"},
         {"surprise": 1},
+        {"model": "../other-tenant"},
     ],
 )
 def test_bad_messages_are_refused(changes: dict[str, Any]) -> None:
@@ -107,10 +108,17 @@ def test_describe_error_is_short() -> None:
     assert describe_error(KeyError()) == "KeyError"
 
 
-def test_callbacks_need_a_secret_outside_the_local_stack() -> None:
-    assert not callbacks_allowed({})
-    assert callbacks_allowed({"SIF_CALLBACK_SECRET": "a-long-enough-secret"})
-    assert callbacks_allowed({"SIF_LOCAL": "1"})
+def test_callbacks_need_a_secret_and_a_public_host_outside_the_local_stack() -> None:
+    assert callback_policy_for({}) is None
+    aws = callback_policy_for({"SIF_CALLBACK_SECRET": "a-long-enough-secret"})
+    assert aws is not None and not aws.allow_private_hosts
+    local = callback_policy_for({"SIF_LOCAL": "1"})
+    assert local is not None and local.allow_private_hosts
+    post = FakePost(204)
+    for url in ("http://127.0.0.1:9001/2018-06-01/runtime", "http://169.254.169.254/latest", "http://[::1]/x"):
+        assert not deliver_callback(url, {"id": "j"}, "s", post=post, policy=aws)
+    assert not post.calls  # refused before anything was sent
+    assert deliver_callback("http://127.0.0.1:1/hook", {"id": "j"}, "s", post=post, policy=local)
 
 
 # ---------------------------------------------------------------------- input rows
@@ -183,9 +191,14 @@ class FakePost:
         return answer
 
 
+LOCAL = CallbackPolicy(allow_private_hosts=True)  # the fake hosts below resolve nowhere
+
+
 def test_callback_retries_with_backoff_then_succeeds() -> None:
     post, sleeps = FakePost(OSError("refused"), 503, 204), []
-    ok = deliver_callback("http://h/cb", {"id": "j", "status": "succeeded"}, "secret", post=post, sleep=sleeps.append)
+    ok = deliver_callback(
+        "http://h/cb", {"id": "j", "status": "succeeded"}, "secret", post=post, policy=LOCAL, sleep=sleeps.append
+    )
     assert ok and len(post.calls) == 3 and sleeps == [0.5, 1.0]
     _, body, headers = post.calls[-1]
     assert verify_signature("secret", headers, body) and headers["X-Sif-Event"] == "job.succeeded"
@@ -193,11 +206,11 @@ def test_callback_retries_with_backoff_then_succeeds() -> None:
 
 def test_callback_gives_up_quietly() -> None:
     post, sleeps = FakePost(500, 500, 500, 500), []
-    policy = CallbackPolicy(attempts=4, base_delay_s=1, max_delay_s=3)
+    policy = CallbackPolicy(attempts=4, base_delay_s=1, max_delay_s=3, allow_private_hosts=True)
     assert not deliver_callback("http://h/cb", {"id": "j"}, "s", post=post, policy=policy, sleep=sleeps.append)
     assert sleeps == [1, 2, 3]
     no_retry = FakePost(410)
-    assert not deliver_callback("http://h/cb", {"id": "j"}, "s", post=no_retry, sleep=sleeps.append)
+    assert not deliver_callback("http://h/cb", {"id": "j"}, "s", post=no_retry, policy=LOCAL, sleep=sleeps.append)
     assert len(no_retry.calls) == 1
 
 

@@ -31,6 +31,7 @@ from sif_shared.jobs import (
     JobFailedError,
     JobInput,
     JobMessage,
+    check_callback_url,
     check_input_uri,
     instance_rows,
     staged_input_key,
@@ -72,7 +73,7 @@ class CreateJobRequest(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        return JobMessage._http_url(value)
+        return check_callback_url(value)
 
 
 class CreateJobResponse(BaseModel):

@@ -18,14 +18,14 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from sif_shared.jobs import (
     BatchJobStateChange,
     JobRunner,
-    callbacks_allowed,
+    callback_policy_for,
     fail_from_batch_event,
     services_from_settings,
 )
 from sif_shared.settings import get_settings
 
 logger = Logger()
-runner = JobRunner(services_from_settings(get_settings(), batch=None, callbacks=callbacks_allowed(os.environ)))
+runner = JobRunner(services_from_settings(get_settings(), batch=None, callback_policy=callback_policy_for(os.environ)))
 
 
 @logger.inject_lambda_context

@@ -29,7 +29,7 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAl
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_shared.aws import client
-from sif_shared.jobs import JobMessage, JobRunner, callbacks_allowed, max_receive_count, services_from_settings
+from sif_shared.jobs import JobMessage, JobRunner, callback_policy_for, max_receive_count, services_from_settings
 from sif_shared.scoring import Deadline
 from sif_shared.settings import get_settings
 
@@ -40,7 +40,7 @@ logger = Logger()
 tracer = Tracer()
 # Every record failing is answered like any partial failure (all ids listed), not raised.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-runner = JobRunner(services_from_settings(settings, callbacks=callbacks_allowed(os.environ)))
+runner = JobRunner(services_from_settings(settings, callback_policy=callback_policy_for(os.environ)))
 idempotency = IdempotencyConfig(
     event_key_jmespath="[tenant, id]",
     raise_on_no_idempotency_key=True,

@@ -35,7 +35,7 @@ from sif_shared.jobs import (
     JobRunner,
     OutputWriter,
     Predictor,
-    callbacks_allowed,
+    callback_policy_for,
     check_input_uri,
     describe_error,
     instance_rows,
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     settings = Settings.from_env()
-    services = services_from_settings(settings, batch=None, callbacks=callbacks_allowed(os.environ))
+    services = services_from_settings(settings, batch=None, callback_policy=callback_policy_for(os.environ))
     runner = JobRunner(services)
     try:
         spec = read_spec(services.s3, args.spec)
