@@ -36,6 +36,7 @@ from sif_local.template import REPO_ROOT
 
 log = logging.getLogger("sif_local.batch")
 
+CLAIM_TAG = "sif:local-executor"  # set on a job once an executor took it: each job runs once per emulator
 BATCH_EVENT_SOURCE = "aws.batch"
 BATCH_EVENT_DETAIL_TYPE = "Batch Job State Change"
 EVENT_RULE_TYPES = ("EventBridgeRule", "CloudWatchEvent")
@@ -184,17 +185,29 @@ class LocalBatchExecutor:
 
     # ------------------------------------------------------------ polling
     def poll(self) -> list[str]:
-        """Start every job not seen before; returns their ids."""
+        """Start every job that no executor has taken yet; returns their ids."""
         started = []
         for queue in self.queues:
-            for summary in self._list(queue):
-                job_id = summary["jobId"]
+            with self._lock:
+                new = [s["jobId"] for s in self._list(queue) if s["jobId"] not in self._futures]
+            for job_id in self._unclaimed(new):
                 with self._lock:
-                    if job_id in self.jobs or job_id in self._futures:
-                        continue
                     self._futures[job_id] = self._pool.submit(self._run_job, job_id)
                 started.append(job_id)
         return started
+
+    def _unclaimed(self, job_ids: list[str]) -> list[str]:
+        """Claim (tag) and return the jobs no executor took before, e.g. one of an earlier test module."""
+        unclaimed = []
+        for start in range(0, len(job_ids), 100):
+            for desc in self.batch.describe_jobs(jobs=job_ids[start : start + 100])["jobs"]:
+                if CLAIM_TAG in (desc.get("tags") or {}):
+                    with self._lock:
+                        self._futures.setdefault(desc["jobId"], _done_elsewhere(desc["jobId"]))
+                    continue
+                self.batch.tag_resource(resourceArn=desc["jobArn"], tags={CLAIM_TAG: str(os.getpid())})
+                unclaimed.append(desc["jobId"])
+        return unclaimed
 
     def _list(self, queue: str) -> list[dict[str, Any]]:
         jobs: list[dict[str, Any]] = []
@@ -347,6 +360,12 @@ class LocalBatchExecutor:
         except ValueError:
             return None
         return result
+
+
+def _done_elsewhere(job_id: str) -> Future[ExecutedJob]:
+    future: Future[ExecutedJob] = Future()
+    future.set_result(ExecutedJob(job_id, "", "", [], status="UNKNOWN", status_reason="run by another executor"))
+    return future
 
 
 def start_batch_executor(stack: Any, **kwargs: Any) -> LocalBatchExecutor:
