@@ -145,10 +145,15 @@ class BatchesApi:
 @cache
 def get_batches() -> BatchesApi:
     """A Depends() provider: clients and settings built on first use, then reused while warm."""
-    from sif_shared.aws import client, table
+    import boto3
+    from botocore.config import Config
+
+    from sif_shared.aws import table
 
     settings = get_settings()
-    return BatchesApi(settings, client("s3"), WorkStore(table(settings.work_table)))
+    # Presigned URLs are SigV4 (S3 refuses SigV2 for new buckets), expiring after presign_ttl_s.
+    presigner = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    return BatchesApi(settings, presigner, WorkStore(table(settings.work_table)))
 
 
 @router.post(

@@ -56,6 +56,8 @@ def _request(
     elif data is not None:
         payload = data
         headers["Content-Length"] = str(size)
+        # urllib would say x-www-form-urlencoded, which servers may parse as a form
+        headers["Content-Type"] = "application/octet-stream"
     req = urllib.request.Request(url, data=payload, method=method, headers=headers)  # noqa: S310 - http(s) only
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:  # noqa: S310
@@ -128,7 +130,8 @@ def resolve_api(args: argparse.Namespace) -> tuple[str, str]:
     return str(url).rstrip("/"), str(key)
 
 
-def score(args: argparse.Namespace, *, err: IO[str] = sys.stderr) -> dict[str, Any]:
+def score(args: argparse.Namespace, *, err: IO[str] | None = None) -> dict[str, Any]:
+    err = err or sys.stderr
     path: Path = args.file
     if not path.is_file():
         raise ScoreError(f"{path}: no such file")
