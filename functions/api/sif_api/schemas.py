@@ -111,6 +111,7 @@ class EmbeddingsUsage(BaseModel):
     prompt_tokens: int
     total_tokens: int
     truncated_inputs: list[int] = Field(default_factory=list, description="indices of inputs cut at the token limit")
+    compute_ms: int = Field(description="inference time, as metered")
     cost_usd: float
 
 
@@ -199,9 +200,15 @@ class UsageTotals(BaseModel):
     cost_usd: float = 0.0
 
 
-class UsageByModelDay(UsageTotals):
+class UsageByModelDay(BaseModel):
     model: str
     day: date
+    calls: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    pixels: int = 0
+    compute_ms: int = 0
+    cost_usd: float = 0.0
 
 
 class UsageResponse(BaseModel):

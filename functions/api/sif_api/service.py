@@ -135,6 +135,7 @@ class ApiService:
                 prompt_tokens=usage.tokens,
                 total_tokens=usage.tokens,
                 truncated_inputs=outcome.truncated,
+                compute_ms=usage.compute_ms,
                 cost_usd=_cost(manifest.price, usage),
             ),
         )

@@ -50,6 +50,7 @@ MAX_API_PAYLOAD_BYTES = 10 * 1024 * 1024  # API Gateway REST's request limit
 MAX_INVOKE_PAYLOAD_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invoke limit (the event as a whole)
 INIT_TIMEOUT_S = 120.0  # Lambda caps init at 10 s; a cold local machine loading models may need more
 INTEGRATION_TIMEOUT_S = 29.0  # API Gateway's own limit, whatever the function's Timeout says
+MB_PER_VCPU = 1769  # Lambda's vCPUs follow memory
 
 # What API Gateway answers by itself, before or instead of the integration.
 GATEWAY_DEFAULTS: dict[str, tuple[int, str]] = {
@@ -100,13 +101,16 @@ class WorkerSpec:
     memory_mb: int
     timeout_s: float
     log_path: str | None
+    vcpus: int | None = None  # pin each instance to this many of the host's CPUs (None: all of them)
 
 
 def worker_main(fd: int) -> None:
     """One function instance (a fresh interpreter): init (import the handler), then invoke events
     from the gateway one at a time until the pipe closes. The first message is the WorkerSpec."""
     conn = Connection(fd)
-    spec: WorkerSpec = conn.recv()
+    spec, cpus = conn.recv()
+    if cpus:  # this instance's vCPUs: what os.sched_getaffinity, and so the session threads, will see
+        os.sched_setaffinity(0, cpus)
     sys.path.insert(0, spec.code_path)
     module_name, _, attribute = spec.handler.rpartition(".")
     try:
@@ -155,7 +159,7 @@ class Instance:
     stdout/stderr (the function's logs, EMF lines included) go to the function's log file.
     """
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, cpus: tuple[int, ...] | None = None) -> None:
         self.spec = spec
         self.conn, child = Pipe()
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
@@ -176,7 +180,7 @@ class Instance:
             child.close()
             if log_file is not subprocess.DEVNULL:
                 log_file.close()
-        self.conn.send(spec)
+        self.conn.send((spec, cpus))
 
     def wait_ready(self, timeout_s: float) -> None:
         if not self.conn.poll(timeout_s):
@@ -263,7 +267,13 @@ class FunctionPool:
 
     def _spawn(self) -> Instance:
         self.cold_starts += 1
-        return Instance(self.spec)
+        cpus = None
+        if self.spec.vcpus:
+            host = sorted(os.sched_getaffinity(0))
+            if self.spec.vcpus < len(host):
+                start = (self.cold_starts - 1) * self.spec.vcpus
+                cpus = tuple(host[(start + i) % len(host)] for i in range(self.spec.vcpus))
+        return Instance(self.spec, cpus)
 
     def _acquire(self) -> Instance:
         with self._cond:
@@ -332,6 +342,12 @@ class HttpResponse:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+
+
+def lambda_vcpus(memory_mb: int) -> int:
+    """Lambda gives about one vCPU per 1,769 MB; an instance gets that many of the host's CPUs here,
+    so concurrent instances do not all run their session threads on every core."""
+    return max(1, round(memory_mb / MB_PER_VCPU))
 
 
 def _api_id(stack_name: str) -> str:
@@ -405,9 +421,8 @@ class LocalApiGateway:
         for lid in sorted({r.function for r in self.routes} | authorizer_ids):
             fn = functions[lid]
             size = 2 if lid in authorizer_ids else api_max
-            self.pools[lid] = FunctionPool(
-                self._worker_spec(fn, stack.function_env(lid)), min_instances=size, max_instances=size
-            )
+            spec = self._worker_spec(fn, stack.function_env(lid), pin=lid not in authorizer_ids)
+            self.pools[lid] = FunctionPool(spec, min_instances=size, max_instances=size)
         self._auth_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, Any]]] = {}
         self._auth_lock = threading.Lock()
 
@@ -432,14 +447,13 @@ class LocalApiGateway:
                 log.debug("api: " + format, *args)
 
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server = _Server((host, port), Handler)
         except OSError as exc:
             raise PortInUseError(port, "API", "SIF_API_PORT") from exc
-        self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self._thread: threading.Thread | None = None
 
-    def _worker_spec(self, fn: FunctionSpec, env: dict[str, str]) -> WorkerSpec:
+    def _worker_spec(self, fn: FunctionSpec, env: dict[str, str], *, pin: bool = True) -> WorkerSpec:
         env = {
             **env,
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_size),
@@ -456,6 +470,7 @@ class LocalApiGateway:
             memory_mb=fn.memory_size,
             timeout_s=float(fn.timeout),
             log_path=str(self.log_dir / f"{fn.logical_id}.log"),
+            vcpus=lambda_vcpus(fn.memory_size) if pin and hasattr(os, "sched_setaffinity") else None,
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -714,6 +729,17 @@ class LocalApiGateway:
         body = result.get("body") or ""
         data = base64.b64decode(body) if result.get("isBase64Encoded") else str(body).encode("utf-8")
         return HttpResponse(int(result["statusCode"]), headers, data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):  # a client went away: not our error
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 def _read_chunked(h: BaseHTTPRequestHandler) -> bytes:
