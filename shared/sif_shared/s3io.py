@@ -139,6 +139,8 @@ class S3ResultSink:
         if upload is None:  # everything fits in one object
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=tail, ContentType=CONTENT_TYPES[stream])
             return self.location(OUTPUT_FILES[stream])
+        if self._already_completed(stream, upload["token"]):
+            return self.location(OUTPUT_FILES[stream])  # completed by a run that crashed right after
         refs = sorted(parts, key=lambda r: int(r["number"]))
         try:
             if tail:
@@ -151,7 +153,7 @@ class S3ResultSink:
             )
         except ClientError as exc:
             if _code(exc) == "NoSuchUpload" and self._already_completed(stream, upload["token"]):
-                return self.location(OUTPUT_FILES[stream])  # completed by the run that crashed after it
+                return self.location(OUTPUT_FILES[stream])  # completed meanwhile
             raise
         return self.location(OUTPUT_FILES[stream])
 
