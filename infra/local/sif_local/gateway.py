@@ -48,6 +48,7 @@ log = logging.getLogger("sif_local.gateway")
 HOST = "127.0.0.1"
 MAX_API_PAYLOAD_BYTES = 10 * 1024 * 1024  # API Gateway REST's request limit
 MAX_INVOKE_PAYLOAD_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invoke limit (the event as a whole)
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # bodies over API Gateway's limit but under this are read before the 413
 INIT_TIMEOUT_S = 120.0  # Lambda caps init at 10 s; a cold local machine loading models may need more
 INTEGRATION_TIMEOUT_S = 29.0  # API Gateway's own limit, whatever the function's Timeout says
 MB_PER_VCPU = 1769  # Lambda's vCPUs follow memory
@@ -521,9 +522,17 @@ class LocalApiGateway:
             length = -1
         chunked = "chunked" in (h.headers.get("Transfer-Encoding") or "").lower()
         if length < 0 or length > MAX_API_PAYLOAD_BYTES:
+            # Read (and drop) a body of sane size first: a client still sending when the socket
+            # closes gets a reset instead of the 413.
+            if 0 < length <= DRAIN_LIMIT_BYTES:
+                _drain(h, length)
+            self._write(h, self.gateway_response("REQUEST_TOO_LARGE", request_id), close=length > DRAIN_LIMIT_BYTES)
+            return
+        try:
+            body = _read_chunked(h) if chunked else (h.rfile.read(length) if length else b"")
+        except ValueError:  # a malformed or oversized chunked body
             self._write(h, self.gateway_response("REQUEST_TOO_LARGE", request_id), close=True)
             return
-        body = _read_chunked(h) if chunked else (h.rfile.read(length) if length else b"")
         request = HttpRequest(
             method=h.command,
             raw_path=h.path,
@@ -740,6 +749,14 @@ class _Server(ThreadingHTTPServer):
             log.debug("client %s went away", client_address)
             return
         super().handle_error(request, client_address)
+
+
+def _drain(h: BaseHTTPRequestHandler, length: int) -> None:
+    while length > 0:
+        chunk = h.rfile.read(min(length, 1 << 20))
+        if not chunk:
+            return
+        length -= len(chunk)
 
 
 def _read_chunked(h: BaseHTTPRequestHandler) -> bytes:
