@@ -25,7 +25,7 @@ from sif_local.stack import LocalStack
 from sif_shared.filebatch import InboxFile
 from sif_shared.work import WorkStore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]
 
 MODEL = "all-minilm-l6-v2"
 
