@@ -403,13 +403,13 @@ def test_cpu_job_that_outgrows_the_worker_is_handed_to_the_gpu_queue(
         )
     )
     tenant_id, client = new_tenant(running)
-    texts = [f"text number {i}" for i in range(300)]  # two chunks: one runs here, then time is up
+    texts = [f"text number {i}" for i in range(1100)]  # two chunks: one runs here, then time is up
     job = JobMessage(id=f"j_handoff{uuid.uuid4().hex[:8]}", tenant=tenant_id, model=MODEL, input={"instances": texts})
     outcome = runner.handle(job, Deadline(lambda: 0.0, margin_ms=1000))
     assert outcome.status == "submitted" and outcome.route == "gpu", outcome
 
     status = client.wait(job.id, timeout_s=120)
-    assert status["status"] == "succeeded" and status["route"] == "gpu" and status["rows"] == 300, status
+    assert status["status"] == "succeeded" and status["route"] == "gpu" and status["rows"] == 1100, status
     record = work_record(running, tenant_id, job.id)
-    assert record.details["handed_off"].startswith("the worker function's time ran out after 256 rows")
+    assert record.details["handed_off"].startswith("the worker function's time ran out after 1024 rows")
     assert client.usage()["total"]["calls"] == 1

@@ -53,7 +53,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROGRESS_EVERY_S = 2.0
 # Bigger micro-batches than Lambda's: a GPU wants wide tensors; the CPU keeps the core's sizes.
 GPU_BATCH_ITEMS, GPU_BATCH_TOKENS = 256, 256 * 128
-CHUNK_ITEMS = {"CUDAExecutionProvider": 4096, "CPUExecutionProvider": 1024}
+CHUNK_ITEMS = {"CUDAExecutionProvider": 8192, "CPUExecutionProvider": 4096}
 
 
 class CountingReader(io.RawIOBase):
