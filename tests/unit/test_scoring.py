@@ -310,3 +310,41 @@ def test_checkpoint_round_trips():
     cp.parts["errors"].append({"number": 1, "etag": "x"})
     back = Checkpoint.from_bytes(cp.to_bytes())
     assert back == cp
+
+
+def test_long_texts_are_clipped_without_changing_their_embedding(text_model, registry):
+    words = " ".join(texts(400)).split()
+    long_text = " ".join(words[i % len(words)] for i in range(3000))
+    clipped = text_model.clip(long_text)
+    assert len(clipped) <= text_model.cut_chars < len(long_text) and long_text.startswith(clipped)
+    embedder = registry.embedder(MODEL)
+    full, head = embedder.embed([long_text]), embedder.embed([clipped])
+    assert full.tokens == head.tokens == [256] and full.truncated == head.truncated == [True]
+    np.testing.assert_array_equal(full.vectors, head.vectors)
+    # nothing to gain, or not provably safe: left whole
+    assert text_model.clip("short text") == "short text"
+    cjk = "日本語の文章" * 2000  # no whitespace to cut at
+    assert text_model.clip(cjk) == cjk
+    giant_words = " ".join(["x" * 500] * 40)  # few words: the head may hold fewer tokens than the model keeps
+    assert text_model.clip(giant_words) == giant_words
+
+
+def test_a_window_is_embedded_in_bounded_calls(registry):
+    from sif_shared.rows import Row
+    from sif_shared.scoring import TextFileModel
+
+    calls = []
+    embedder = registry.embedder(MODEL)
+
+    class Spy:
+        manifest = embedder.manifest
+        tokenizer = embedder.tokenizer
+
+        def embed(self, batch, **kwargs):
+            calls.append(sum(map(len, batch)))
+            return embedder.embed(batch, **kwargs)
+
+    model = TextFileModel(Spy(), "int8", embed_chars=2000)
+    rows = [Row(i, i + 1, i, t) for i, t in enumerate(texts(60))]
+    scores = model.score(rows)
+    assert len(scores.predictions) == 60 and len(calls) > 1 and all(c <= 2000 for c in calls)

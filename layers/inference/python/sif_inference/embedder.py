@@ -46,14 +46,19 @@ class TextEmbedder:
                 if len(text) > limits.max_text_chars:
                     raise InputLimitError(f"input {i} has {len(text)} characters; the limit is {limits.max_text_chars}")
 
-    def embed(self, texts: list[str]) -> EmbeddingResult:
-        """Embed any number of texts (callers enforce per-call limits with check_limits)."""
+    def embed(
+        self, texts: list[str], *, max_items: int = MAX_BATCH_ITEMS, max_tokens: int = MAX_BATCH_TOKENS
+    ) -> EmbeddingResult:
+        """Embed any number of texts (callers enforce per-call limits with check_limits).
+
+        `max_items` / `max_tokens` size the micro-batches; the session's peak memory grows with
+        `max_tokens` (the file scorer passes a smaller one to stay within its memory budget)."""
         if not texts:
             return EmbeddingResult(np.zeros((0, self.dim), dtype=np.float32), [], [])
         encodings = self.tokenizer.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for idx in length_sorted_batches(lengths, max_items=MAX_BATCH_ITEMS, max_tokens=MAX_BATCH_TOKENS):
+        for idx in length_sorted_batches(lengths, max_items=max_items, max_tokens=max_tokens):
             batch = self.tokenizer.pad([encodings[i] for i in idx])
             feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             if "token_type_ids" in self._input_names:
