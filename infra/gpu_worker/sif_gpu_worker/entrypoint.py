@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from sif_gpu_worker.pipeline import PipelineStats, run_pipeline
-from sif_inference.batching import length_sorted_batches
 from sif_inference.embedder import TextEmbedder
 from sif_metering.ledger import Usage
 from sif_shared.jobs import (
@@ -75,22 +74,9 @@ class CountingReader(io.RawIOBase):
 
 
 def embed_wide(embedder: TextEmbedder, texts: list[str]) -> ChunkResult:
-    """TextEmbedder.embed with GPU-sized micro-batches (same tokenizer, pooling inside the graph)."""
-    import numpy as np
-
-    encodings = embedder.tokenizer.encode(texts)
-    lengths = [len(e.ids) for e in encodings]
-    out = np.empty((len(texts), embedder.dim), dtype=np.float32)
-    names = {i.name for i in embedder.session.get_inputs()}
-    output = embedder.manifest.output.name or embedder.session.get_outputs()[0].name
-    for idx in length_sorted_batches(lengths, max_items=GPU_BATCH_ITEMS, max_tokens=GPU_BATCH_TOKENS):
-        batch = embedder.tokenizer.pad([encodings[i] for i in idx])
-        feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if "token_type_ids" in names:
-            feed["token_type_ids"] = batch.token_type_ids
-        (vectors,) = embedder.session.run([output], feed)
-        out[idx] = vectors
-    return ChunkResult(rounded_vectors(out), tokens=int(sum(lengths)))
+    """Embeddings in GPU-sized micro-batches (same tokenizer, same graph, wider tensors)."""
+    result = embedder.embed(texts, max_items=GPU_BATCH_ITEMS, max_tokens=GPU_BATCH_TOKENS)
+    return ChunkResult(rounded_vectors(result.vectors), tokens=result.total_tokens)
 
 
 class GpuJob:
