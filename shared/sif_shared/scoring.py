@@ -69,6 +69,16 @@ def round_significant(values: np.ndarray, digits: int = 7) -> np.ndarray:
     return out
 
 
+def format_vectors(vectors: np.ndarray, digits: int = 7) -> list[str]:
+    """Each row as a JSON array of floats with `digits` significant digits ("0.006385671", "-1.2e-05").
+
+    Measured (sif_local.bench_batch): ~100 us per 384-d row, ~4.4 KB; json.dumps of the raw
+    float32-as-float64 values is ~2x slower and ~8.4 KB (17 digits of noise per float).
+    """
+    spec = f".{digits}g"
+    return ["[" + ",".join([format(x, spec) for x in row]) + "]" for row in vectors.tolist()]
+
+
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -158,9 +168,9 @@ class TextFileModel:
                 size += len(texts[end])
                 end += 1
             result = self.embedder.embed(texts[start:end], max_tokens=self.max_batch_tokens)
-            vectors = round_significant(result.vectors, self.digits).tolist()
+            vectors = format_vectors(result.vectors, self.digits)
             for k, pos in enumerate(good[start:end]):
-                out.predictions[pos] = _dumps(vectors[k])
+                out.predictions[pos] = vectors[k]
             out.tokens += result.total_tokens
             out.truncated += sum(result.truncated)
             start = end
@@ -211,6 +221,11 @@ class ImageFileModel:
 def file_model(registry: ModelRegistry, name: str, variant: str | None = None) -> FileModel:
     """The FileModel for a registry model (embedding or image classification)."""
     loaded = registry.get(name, variant)
+    on_gpu = loaded.session.get_providers()[0] == "CUDAExecutionProvider"
+    if loaded.embedder is not None and on_gpu:  # the GPU worker: wide batches, plenty of memory
+        return TextFileModel(
+            loaded.embedder, loaded.variant, window_rows=4096, embed_chars=4 << 20, max_batch_tokens=256 * 128
+        )
     if loaded.embedder is not None:
         return TextFileModel(loaded.embedder, loaded.variant)
     assert loaded.classifier is not None
