@@ -48,12 +48,14 @@ class QuotaGate:
         now = time.monotonic()
         with self._lock:
             seen = self._readings.get(key)
-        fresh = seen is not None and now - seen.read_at < self.max_age_s
-        if not (fresh and seen is not None and seen.calls < monthly_calls - safety_margin(monthly_calls)):
-            calls = self.ledger.month_calls(tenant, key[1])
-            seen = _Reading(calls, now)
-            with self._lock:
-                self._readings[key] = seen
+        if seen is not None and now - seen.read_at < self.max_age_s:
+            if seen.calls >= monthly_calls:  # known to be used up a moment ago
+                raise QuotaExceededError(tenant, monthly_calls, seconds_to_next_month())
+            if seen.calls < monthly_calls - safety_margin(monthly_calls):  # plenty left
+                return
+        seen = _Reading(self.ledger.month_calls(tenant, key[1]), now)
+        with self._lock:
+            self._readings[key] = seen
         if seen.calls >= monthly_calls:
             raise QuotaExceededError(tenant, monthly_calls, seconds_to_next_month())
 
