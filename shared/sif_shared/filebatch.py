@@ -315,6 +315,12 @@ class FileBatchRunner:
                 return BatchOutcome("skipped", file.batch_id, reason=str(exc))
             except FileFormatError as exc:
                 return self.fail(file, record, str(exc))
+            limit = manifest.limits.max_batch_rows
+            if rows > limit:
+                exact = "" if file.size <= COUNT_BYTES else "about "
+                return self.fail(
+                    file, record, f"the file has {exact}{rows} rows; {manifest.name} takes at most {limit} per file"
+                )
             if route == "gpu":
                 return self.submit_to_gpu(file, record, rows)
             details = {**record.details, "routed": file.etag, "rows_estimate": rows}

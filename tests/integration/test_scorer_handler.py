@@ -185,3 +185,14 @@ def test_a_short_invocation_hands_the_file_on_and_the_next_one_finishes_it(
     assert segments == 3
     assert output(local_stack, file, "predictions.jsonl") == output(local_stack, reference, "predictions.jsonl")
     assert json.loads(output(local_stack, file, "manifest.json"))["segments"] == 3
+
+
+def test_a_file_over_the_models_row_limit_fails_before_scoring(
+    scorer: ModuleType, load_event: Callable[..., Any], local_stack: LocalStack, tenant: str
+) -> None:
+    file = put(local_stack, tenant, "too-many.jsonl", b'{"id":1,"text":"a"}\n' * 1_000_100)
+    assert scorer.lambda_handler(s3_event(load_event, file), Context()) == {"batchItemFailures": []}
+    record = WorkStore(local_stack.table("WorkTable")).get(tenant, "batch", file.batch_id)
+    assert record is not None and record.status == "failed" and record.rows == 0
+    assert record.error is not None and record.error.startswith("the file has about 100")
+    assert record.error.endswith("rows; all-minilm-l6-v2 takes at most 1000000 per file")
