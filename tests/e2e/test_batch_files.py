@@ -305,7 +305,7 @@ def function_pids(function_name: str) -> list[int]:
 
 
 def test_a_killed_scorer_resumes_with_no_row_missing_or_repeated(inbox: Inbox) -> None:
-    texts = short_texts(4000)
+    texts = short_texts(2500)
     body = jsonl([{"id": i, "text": t} for i, t in enumerate(texts)])
     reference = inbox.put("crash/reference.jsonl", body)
     inbox.wait(reference, timeout_s=180)
@@ -322,11 +322,11 @@ def test_a_killed_scorer_resumes_with_no_row_missing_or_repeated(inbox: Inbox) -
         time.sleep(0.05)
     assert killed, "no checkpoint appeared to crash after"
     record = inbox.wait(file, timeout_s=180)
-    assert record.status == "succeeded" and (record.rows, record.failed) == (4000, 0)
+    assert record.status == "succeeded" and (record.rows, record.failed) == (2500, 0)
     assert inbox.output(file, "predictions.jsonl") == inbox.output(reference, "predictions.jsonl")
-    assert [p["id"] for p in inbox.lines(file, "predictions.jsonl")] == list(range(4000))
+    assert [p["id"] for p in inbox.lines(file, "predictions.jsonl")] == list(range(2500))
     (usage,) = inbox.usage_events(file)
-    assert int(usage["inputs"]) == 4000
+    assert int(usage["inputs"]) == 2500
 
 
 # ---------------------------------------------------------------------- routing and recursion

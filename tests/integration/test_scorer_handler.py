@@ -63,8 +63,20 @@ def scorer(local_stack: LocalStack) -> Iterator[ModuleType]:
 
 
 @pytest.fixture(scope="module")
-def tenant(local_stack: LocalStack) -> str:
-    return f"t_handler{uuid.uuid4().hex[:6]}"
+def tenant(local_stack: LocalStack) -> Iterator[str]:
+    tenant = f"t_handler{uuid.uuid4().hex[:6]}"
+    yield tenant
+    # the notifications moto queued for our own uploads: nobody else should ever receive them
+    sqs, queue = local_stack.client("sqs"), local_stack.ref("InboxQueue")
+    for _ in range(5):
+        messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+        for msg in messages:
+            if tenant in msg["Body"]:
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=msg["ReceiptHandle"])
+            else:
+                sqs.change_message_visibility(QueueUrl=queue, ReceiptHandle=msg["ReceiptHandle"], VisibilityTimeout=0)
+        if not messages:
+            break
 
 
 def s3_event(load_event: Callable[[str], dict[str, Any]], file: InboxFile) -> dict[str, Any]:
