@@ -228,6 +228,13 @@ class FileBatchRunner:
     def _store(self, file: InboxFile) -> S3CheckpointStore:
         return S3CheckpointStore(self.s.s3, self.s.settings.results_bucket, file.output_prefix + CHECKPOINT_NAME)
 
+    def give_up(self, file: InboxFile, error: BaseException | str, attempts: int) -> None:
+        """The message's last receive failed: mark the batch failed before SQS dead-letters it."""
+        record = self.ensure_record(file)
+        if record.status in TERMINAL and record.details.get("etag") == file.etag:
+            return
+        self.fail(file, record, f"gave up after {attempts} attempts: {_short(error)}")
+
     # ------------------------------------------------------------ routing
     def estimate_rows(self, file: InboxFile) -> int:
         """Rows in the file: counted when its head (COUNT_BYTES of it, raw) is all of it, else scaled up."""

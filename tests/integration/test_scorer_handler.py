@@ -208,3 +208,29 @@ def test_a_file_over_the_models_row_limit_fails_before_scoring(
     assert record is not None and record.status == "failed" and record.rows == 0
     assert record.error is not None and record.error.startswith("the file has about 100")
     assert record.error.endswith("rows; all-minilm-l6-v2 takes at most 1000000 per file")
+
+
+def test_the_last_receive_marks_the_batch_failed_before_the_dlq(
+    scorer: ModuleType,
+    load_event: Callable[..., Any],
+    local_stack: LocalStack,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    file = put(local_stack, tenant, "doomed.jsonl", rows(3))
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the models bucket is down")
+
+    monkeypatch.setattr(scorer.runner, "handle", broken)
+    event = s3_event(load_event, file)
+    message_id = event["Records"][0]["messageId"]
+    event["Records"][0]["attributes"]["ApproximateReceiveCount"] = "4"
+    assert scorer.lambda_handler(event, Context()) == {"batchItemFailures": [{"itemIdentifier": message_id}]}
+    store = WorkStore(local_stack.table("WorkTable"))
+    assert store.get(tenant, "batch", file.batch_id) is None  # not yet: SQS will try again
+    event["Records"][0]["attributes"]["ApproximateReceiveCount"] = "5"  # the queue's maxReceiveCount
+    assert scorer.lambda_handler(event, Context()) == {"batchItemFailures": [{"itemIdentifier": message_id}]}
+    record = store.get(tenant, "batch", file.batch_id)
+    assert record is not None and record.status == "failed"
+    assert record.error == "gave up after 5 attempts: the models bucket is down"

@@ -15,6 +15,7 @@ checkpointed before the deadline and handed on to the next segment through the q
 from __future__ import annotations
 
 import warnings
+from functools import cache
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -25,6 +26,7 @@ from aws_lambda_powertools.utilities.idempotency import (
     IdempotencyConfig,
     idempotent_function,
 )
+from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_scorer.events import Continuation, FileTask, InboxRecord, InboxS3Event, InboxS3Record, S3TestEvent
@@ -36,6 +38,7 @@ from sif_shared.filebatch import (
     NotAnInboxFileError,
     services_from_settings,
 )
+from sif_shared.jobs import max_receive_count
 from sif_shared.scoring import Deadline
 from sif_shared.settings import get_settings
 
@@ -120,9 +123,27 @@ def record_handler(record: InboxRecord) -> list[dict[str, Any]]:
         tasks = [FileTask(bucket=body.bucket, key=body.key, etag=body.etag, size=body.size, segment=body.segment)]
     else:
         tasks = tasks_from_s3(body)
-    # A duplicate of a file running right now raises IdempotencyAlreadyInProgressError: the record
-    # fails and SQS redelivers it later, when it finds the finished result (or takes over a crash).
-    return [score_task(task=task) for task in tasks]
+    results = []
+    for task in tasks:
+        try:
+            results.append(score_task(task=task))
+        except IdempotencyAlreadyInProgressError:
+            # A duplicate of a file running right now: the record fails and SQS redelivers it later,
+            # when it finds the finished result (or takes over from a crashed run).
+            raise
+        except Exception as exc:
+            attempts = int(record.attributes.ApproximateReceiveCount or 1)
+            logger.warning("file batch failed", extra={"key": task.key, "attempt": attempts, "error": str(exc)})
+            if attempts >= last_receive():
+                runner.give_up(InboxFile.parse(task.bucket, task.key, task.etag, task.size), exc, attempts)
+            raise
+    return results
+
+
+@cache
+def last_receive() -> int:
+    """The inbox queue's maxReceiveCount: on that receive, a failure is final (SQS dead-letters it)."""
+    return max_receive_count(sqs, settings.inbox_queue_url) if settings.inbox_queue_url else 5
 
 
 @logger.inject_lambda_context
