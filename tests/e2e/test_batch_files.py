@@ -5,7 +5,7 @@ event on the inbox queue; the local poller invokes the scorer function (its own 
 SQS event, partial batch responses); results appear in the results bucket.
 
 The scorer's Timeout is shortened to SCORER_TIMEOUT_S here (and the queue's visibility timeout to
-just above it), so a 10k-row file needs several invocations (hand-offs) and a killed invocation is
+just above it), so a 10k-row file usually needs several invocations (hand-offs) and a killed invocation is
 redelivered within seconds rather than the 30 minutes the deployed queue would wait.
 """
 
