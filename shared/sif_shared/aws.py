@@ -14,6 +14,8 @@ import boto3
 from botocore.config import Config
 
 _CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, tcp_keepalive=True)
+# S3 presigned URLs must be SigV4: S3 refuses SigV2 for new buckets.
+_S3_CONFIG = _CONFIG.merge(Config(signature_version="s3v4"))
 _local = threading.local()
 _lock = threading.Lock()
 
@@ -21,7 +23,7 @@ _lock = threading.Lock()
 @cache
 def client(service: str) -> Any:
     with _lock:  # building clients concurrently is not thread-safe
-        return boto3.session.Session().client(service, config=_CONFIG)
+        return boto3.session.Session().client(service, config=_S3_CONFIG if service == "s3" else _CONFIG)
 
 
 def table(name: str) -> Any:

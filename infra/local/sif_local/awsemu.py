@@ -14,11 +14,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger("sif_local.awsemu")
 
@@ -180,6 +181,7 @@ class AwsEmulator:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -227,11 +229,15 @@ class AwsEmulator:
         if self.port == 0:
             self.port = free_port(self.host)
         cmd = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # moto logs every request: a pipe nobody reads fills up and hangs the server, so use a file.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        log_file = self._log
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                log_file.seek(0)
+                err = log_file.read().decode(errors="replace")
                 if "in use" in err.lower():
                     raise PortInUseError(self.port, "AWS emulator", "SIF_AWS_PORT")
                 raise RuntimeError(f"moto server exited with {self._proc.returncode}: {err.strip()}")
@@ -263,10 +269,11 @@ class AwsEmulator:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-            if self._proc.stderr is not None:
-                with contextlib.suppress(OSError):
-                    self._proc.stderr.close()
             self._proc = None
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
 
     def __enter__(self) -> AwsEmulator:
         return self.start()
