@@ -98,3 +98,21 @@ def test_file_missing_from_manifest_is_refused(models_dir, tmp_path):
     registry = ModelRegistry(LocalDirSource(tmp_path / "src"), tmp_path / "cache")
     with pytest.raises(IntegrityError, match="not listed"):
         registry.get("all-minilm-l6-v2")
+
+
+def test_prefetch_hands_verified_bytes_to_get(models_dir, tmp_path):
+    registry = ModelRegistry(LocalDirSource(models_dir), tmp_path / "cache")
+    registry.prefetch("all-minilm-l6-v2")
+    registry.prefetch("all-minilm-l6-v2")  # idempotent
+    embedder = registry.embedder("all-minilm-l6-v2")
+    assert embedder.embed(["hello"]).vectors.shape == (1, 384)
+    assert (tmp_path / "cache" / "all-minilm-l6-v2" / "1" / "model.int8.onnx").is_file()
+
+
+def test_prefetch_errors_surface_in_get(models_dir, tmp_path):
+    version_dir = copy_model(models_dir, tmp_path / "src", "open-nsfw")
+    (version_dir / "open-nsfw.onnx").write_bytes(b"tampered")
+    registry = ModelRegistry(LocalDirSource(tmp_path / "src"), tmp_path / "cache")
+    registry.prefetch("open-nsfw")
+    with pytest.raises(IntegrityError):
+        registry.get("open-nsfw")

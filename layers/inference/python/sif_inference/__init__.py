@@ -12,10 +12,19 @@ from sif_inference.errors import (
     IntegrityError,
     ModelNotFoundError,
 )
-from sif_inference.images import ImageClassifier
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import LoadedModel, ModelRegistry
 from sif_inference.sources import LocalDirSource, ModelSource
+
+
+def __getattr__(name: str) -> object:
+    # ImageClassifier pulls in Pillow and onnxruntime; text-only processes never pay for that.
+    if name == "ImageClassifier":
+        from sif_inference.images import ImageClassifier
+
+        return ImageClassifier
+    raise AttributeError(name)
+
 
 __all__ = [
     "EmbeddingResult",

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from sif_inference.batching import length_sorted_batches
 from sif_inference.errors import InputLimitError
 from sif_inference.manifest import ModelManifest
 from sif_inference.tokenization import TextTokenizer
+
+if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on import
+    import onnxruntime as ort
 
 MAX_BATCH_ITEMS = 64
 MAX_BATCH_TOKENS = 64 * 128

@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from sif_inference.batching import iter_batch
 from sif_inference.errors import ImageDecodeError, InputLimitError
 from sif_inference.manifest import ImagePreprocessing, ModelManifest
+
+if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on import
+    import onnxruntime as ort
 
 MAX_BATCH_IMAGES = 16
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from sif_inference.embedder import TextEmbedder
 from sif_inference.errors import IntegrityError, ModelNotFoundError, WrongTaskError
-from sif_inference.images import ImageClassifier
 from sif_inference.integrity import manifest_entry, require_sha256
 from sif_inference.manifest import ModelManifest
-from sif_inference.sessions import build_session
 from sif_inference.sources import ModelSource
 from sif_inference.tokenization import TextTokenizer
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from sif_inference.images import ImageClassifier
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ModelRegistry:
         self._manifests: dict[str, ModelManifest] = {}
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
+        self._prefetched: dict[tuple[str, str], Future[dict[str, bytes]]] = {}
 
     def names(self) -> list[str]:
         return self.source.list_models()
@@ -69,6 +73,24 @@ class ModelRegistry:
                 loaded = self._load(manifest, chosen)
                 self._loaded[key] = loaded
         return loaded
+
+    def prefetch(self, name: str, variant: str | None = None) -> None:
+        """Start fetching and verifying a model's files in the background (cold start: the download
+        overlaps with the imports and session set-up that follow); get() picks the bytes up."""
+        manifest = self.manifest(name)
+        key = (name, variant or manifest.default_variant)
+        if key in self._loaded or key in self._prefetched:
+            return
+        future: Future[dict[str, bytes]] = Future()
+        self._prefetched[key] = future
+
+        def fetch() -> None:
+            try:
+                future.set_result({f: self.read_verified(manifest, f) for f in manifest.files_for(key[1])})
+            except Exception as exc:  # noqa: BLE001 - re-raised to whoever calls get()
+                future.set_exception(exc)
+
+        threading.Thread(target=fetch, name=f"prefetch-{name}", daemon=True).start()
 
     def embedder(self, name: str, variant: str | None = None) -> TextEmbedder:
         model = self.get(name, variant)
@@ -102,13 +124,20 @@ class ModelRegistry:
         return data
 
     def _load(self, manifest: ModelManifest, variant: str) -> LoadedModel:
-        graph = self.read_verified(manifest, manifest.variant_file(variant))
-        session = build_session(graph, threads=self.threads)
+        from sif_inference.sessions import build_session
+
+        prefetched = self._prefetched.pop((manifest.name, variant), None)
+        files = prefetched.result() if prefetched is not None else {}
+
+        def read(filename: str) -> bytes:
+            return files.get(filename) or self.read_verified(manifest, filename)
+
+        session = build_session(read(manifest.variant_file(variant)), threads=self.threads)
         if manifest.task == "embedding":
             if manifest.tokenizer is None:
                 raise ModelNotFoundError(f"{manifest.name}: embedding model without a tokenizer")
-            tok = TextTokenizer.from_bytes(
-                self.read_verified(manifest, manifest.tokenizer.file), manifest.tokenizer.max_length
-            )
+            tok = TextTokenizer.from_bytes(read(manifest.tokenizer.file), manifest.tokenizer.max_length)
             return LoadedModel(manifest, variant, session, embedder=TextEmbedder(session, tok, manifest))
+        from sif_inference.images import ImageClassifier
+
         return LoadedModel(manifest, variant, session, classifier=ImageClassifier(session, manifest))
