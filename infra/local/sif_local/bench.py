@@ -207,6 +207,24 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig.savefig(out, dpi=90)
 
 
+def path_sections(paths: list[str], quick: bool) -> list[str]:
+    """The three ways in, end to end on the local stack (each starts and stops its own stack)."""
+    sections = []
+    if "api" in paths:
+        from sif_local.bench_api import render_markdown, run_api_bench
+
+        sections.append(render_markdown(run_api_bench(latency_samples=50 if quick else 300)))
+    if "batch" in paths:
+        from sif_local.bench_batch import run_batch_bench
+
+        sections.append(run_batch_bench(rows=2000 if quick else 10_000, runs=1 if quick else 3))
+    if "jobs" in paths:
+        from sif_local.bench_jobs import run_jobs_bench
+
+        sections.append(run_jobs_bench(small_jobs=10 if quick else 30, big_rows=2000 if quick else 10_000))
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -214,6 +232,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--cold-runs", type=int, default=5)
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument(
+        "--paths",
+        default="api,batch,jobs",
+        help="comma-separated end-to-end sections to add (api, batch, jobs; empty for the core only)",
+    )
     args = parser.parse_args()
     from sif_modelbuild.minilm import checkpoint_dir
 
@@ -225,6 +248,7 @@ def main() -> None:
         results["core"] = core_bench(args.models_dir, checkpoint, texts, threads, args.quick)
         if not args.skip_cold:
             results["cold_start"] = cold_start_bench(args.models_dir, checkpoint, threads, args.cold_runs)
+    results["sections"] = path_sections([p for p in args.paths.split(",") if p], args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(results, threads, len(texts)))
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
