@@ -167,6 +167,29 @@ def speed_up_dynamodb_transactions() -> None:
     backend.transact_write_items = transact_write_items  # type: ignore[method-assign]
 
 
+_dynamodb_writes = threading.RLock()
+
+
+def serialize_dynamodb_writes() -> None:
+    """One DynamoDB write at a time in the in-process emulator, as DynamoDB's item-level atomicity
+    and transaction isolation promise. moto's server is threaded and its writes read, modify and
+    write items without a lock, so concurrent `ADD` updates of one counter could lose increments."""
+    from moto.dynamodb import models
+
+    backend = models.DynamoDBBackend
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item"):
+        method = getattr(backend, name, None)
+        if method is None or getattr(method, "_sif_serialized", False):
+            continue
+
+        def serialized(self: Any, *args: Any, __method: Any = method, **kwargs: Any) -> Any:
+            with _dynamodb_writes:
+                return __method(self, *args, **kwargs)
+
+        serialized._sif_serialized = True  # type: ignore[attr-defined]
+        setattr(backend, name, serialized)
+
+
 class AwsEmulator:
     """moto's server bound to 127.0.0.1:`port` (SIF_AWS_PORT, default 5000; 0 picks a free one).
 
@@ -215,6 +238,7 @@ class AwsEmulator:
         # One line per request from werkzeug is noise here.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         speed_up_dynamodb_transactions()
+        serialize_dynamodb_writes()
         app = DomainDispatcherApplication(create_backend_app)
         try:
             server = make_server(self.host, self.port, app, threaded=True, request_handler=MotoRequestHandler)
