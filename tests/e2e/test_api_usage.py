@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -75,3 +76,20 @@ def test_tenants_see_only_their_own_usage(new_tenant: Callable[..., ApiClient]) 
     assert (b["tenant"], b["total"]["calls"]) == (bob.tenant_id, 1)
     # nothing in the API takes a tenant id: a tenant cannot ask for another's usage
     assert bob.get("/v1/usage", params={"tenant": alice.tenant_id}).json()["tenant"] == bob.tenant_id
+
+
+def test_sif_usage_cli_shows_the_callers_usage(
+    new_tenant: Callable[..., ApiClient], api_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sif_local import cli
+
+    client = new_tenant("usage-cli")
+    client.embed(["one", "two"])
+    assert cli.main(["usage", "--api-url", api_url, "--key", client.key, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["total"]["calls"], shown["total"]["inputs"]) == (1, 2)
+    assert cli.main(["usage", "--api-url", api_url, "--key", client.key]) == 0
+    table = capsys.readouterr().out
+    assert MODEL in table and "total" in table
+    assert cli.main(["usage", "--api-url", api_url, "--key", "sif_wrong"]) == 1
+    assert "401" in capsys.readouterr().err

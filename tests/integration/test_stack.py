@@ -313,11 +313,6 @@ def test_tenant_create_stores_only_the_hash(
     assert int(acme["monthly_calls"]) == 1234
 
 
-def test_stub_commands_say_not_implemented(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["usage"]) == 2
-    assert "not yet implemented" in capsys.readouterr().err
-
-
 def test_tenant_create_without_a_running_stack_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -93,7 +93,13 @@ class ApiService:
         the other models keep serving.
         """
         loaded = []
-        for name in self.registry.names():
+        names = self.registry.names()
+        for name in names:  # every model downloads in the background while the first sessions are built
+            try:
+                self.registry.prefetch(name)
+            except Exception:  # noqa: BLE001 - reported by the get() below
+                logger.debug("prefetch failed", extra={"model": name})
+        for name in names:
             try:
                 self.registry.get(name)
                 loaded.append(name)

@@ -5,7 +5,7 @@ sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; 
 sif env                             shell exports for talking to the running stack's emulator
 sif jobs redrive [--max N]          move dead-lettered job messages back to the jobs queue
 sif score FILE --model M            upload a file as a batch, show its progress, download the results
-sif usage                           (not yet implemented)
+sif usage [--from D] [--to D]       the caller's usage and cost
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sif_local import score_cli
+from sif_local import score_cli, usage_cli
 from sif_local.awsemu import PortInUseError, aws_client_env
 
 log = logging.getLogger("sif_local.cli")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_NOT_IMPLEMENTED = 2
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -166,11 +165,6 @@ def cmd_jobs_redrive(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_not_implemented(args: argparse.Namespace) -> int:
-    print(f"sif {args.command}: not yet implemented", file=sys.stderr)
-    return EXIT_NOT_IMPLEMENTED
-
-
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sif", description="sif - serverless inference functions, local stack")
@@ -214,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     score_cli.add_arguments(score)
     score.set_defaults(func=score_cli.cmd_score)
 
-    usage = sub.add_parser("usage", help="usage of a tenant (not yet implemented)")
-    usage.set_defaults(func=cmd_not_implemented)
+    usage = sub.add_parser("usage", help="the caller's usage and cost (GET /v1/usage)")
+    usage_cli.add_arguments(usage)
+    usage.set_defaults(func=usage_cli.cmd_usage)
     return parser
 
 
