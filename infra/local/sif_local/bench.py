@@ -208,20 +208,19 @@ def plot(results: dict[str, Any], out: Path) -> None:
 
 
 def path_sections(paths: list[str], quick: bool) -> list[str]:
-    """The three ways in, end to end on the local stack (each starts and stops its own stack)."""
+    """The three ways in, end to end on the local stack. Each runs in its own process: an in-process
+    emulator keeps moto's state in module globals, so two stacks in one process would collide."""
+    commands = {
+        "api": ["sif_local.bench_api", *(["--quick"] if quick else [])],
+        "batch": ["sif_local.bench_batch", *(["--rows", "2000", "--runs", "1", "--rss-gb", "0.1"] if quick else [])],
+        "jobs": ["sif_local.bench_jobs", *(["--small-jobs", "10", "--big-rows", "2000"] if quick else [])],
+    }
     sections = []
-    if "api" in paths:
-        from sif_local.bench_api import render_markdown, run_api_bench
-
-        sections.append(render_markdown(run_api_bench(latency_samples=50 if quick else 300)))
-    if "batch" in paths:
-        from sif_local.bench_batch import run_batch_bench
-
-        sections.append(run_batch_bench(rows=2000 if quick else 10_000, runs=1 if quick else 3))
-    if "jobs" in paths:
-        from sif_local.bench_jobs import run_jobs_bench
-
-        sections.append(run_jobs_bench(small_jobs=10 if quick else 30, big_rows=2000 if quick else 10_000))
+    for path in paths:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / f"{path}.md"
+            subprocess.run([sys.executable, "-m", *commands[path], "--out", str(out)], check=True)
+            sections.append(out.read_text())
     return sections
 
 
