@@ -116,3 +116,11 @@ def test_prefetch_errors_surface_in_get(models_dir, tmp_path):
     registry.prefetch("open-nsfw")
     with pytest.raises(IntegrityError):
         registry.get("open-nsfw")
+
+
+def test_a_folder_without_a_manifest_is_not_listed(models_dir, tmp_path):
+    copy_model(models_dir, tmp_path / "src", "open-nsfw")
+    (tmp_path / "src" / "half-deleted" / "1").mkdir(parents=True)
+    (tmp_path / "src" / "half-deleted" / "1" / "model.onnx").write_bytes(b"x")
+    registry = ModelRegistry(LocalDirSource(tmp_path / "src"), tmp_path / "cache")
+    assert [m.name for m in registry.manifests()] == ["open-nsfw"]

@@ -58,7 +58,15 @@ class ModelRegistry:
         return cached
 
     def manifests(self) -> list[ModelManifest]:
-        return [self.manifest(n) for n in self.names()]
+        """Every model with a readable manifest; a folder without one (a half-published or
+        half-deleted model) is not a model, and must not take the listing down."""
+        found = []
+        for name in self.names():
+            try:
+                found.append(self.manifest(name))
+            except ModelNotFoundError:
+                continue
+        return found
 
     def get(self, name: str, variant: str | None = None) -> LoadedModel:
         manifest = self.manifest(name)
