@@ -113,7 +113,7 @@ class TextFileModel:
     would otherwise build every token of it, overflow included, before truncating), a window is
     embedded in calls of at most `embed_chars` characters, and in micro-batches of at most
     `max_batch_tokens` padded tokens: onnxruntime's peak memory follows that (for 256-token rows
-    ~170 MB at 2048, ~560 MB at the inference core's default 8192, at the same speed).
+    ~170 MB at 2048, ~560 MB at 8192, at the same speed).
     """
 
     field: Literal["text", "b64"] = "text"

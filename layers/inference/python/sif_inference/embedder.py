@@ -15,8 +15,8 @@ from sif_inference.tokenization import TextTokenizer
 if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on import
     import onnxruntime as ort
 
-MAX_BATCH_ITEMS = 64
-MAX_BATCH_TOKENS = 64 * 128
+MAX_BATCH_ITEMS = 32  # measured: 32 x 4096 beats 64 x 8192 by ~13% on int8 (cache-sized GEMMs)
+MAX_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
