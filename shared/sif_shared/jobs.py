@@ -54,6 +54,7 @@ from sif_shared.routing import (
     submit_gpu_job,
 )
 from sif_shared.rows import BadRow, FileFormatError, decode_b64, detect_format, open_rows
+from sif_shared.s3io import presign_get
 from sif_shared.scoring import Deadline, round_significant
 from sif_shared.settings import Settings
 from sif_shared.work import TERMINAL, WorkRecord, WorkStore
@@ -777,12 +778,9 @@ class JobRunner:
 
     # ------------------------------------------------------------ notifications
     def result_url(self, prefix: str) -> str:
-        url: str = self.s.s3.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.s.settings.results_bucket, "Key": prefix + "predictions.jsonl"},
-            ExpiresIn=self.s.presign_ttl_s,
+        return presign_get(
+            self.s.s3, self.s.settings.results_bucket, prefix + "predictions.jsonl", self.s.presign_ttl_s
         )
-        return url
 
     def announce(
         self,

@@ -31,6 +31,12 @@ class SourceChangedError(Exception):
     """The object is gone, or no longer the version (ETag) the event was about."""
 
 
+def presign_get(s3: Any, bucket: str, key: str, ttl_s: int) -> str:
+    """An expiring GET for one object (the S3 client signs SigV4: see sif_shared.aws)."""
+    url: str = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s)
+    return url
+
+
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 

@@ -28,6 +28,7 @@ from sif_api.service import ApiService, get_service
 from sif_shared.filebatch import BATCH_ID, INBOX_PREFIX, RESULTS_PREFIX
 from sif_shared.routing import Accelerator, Route
 from sif_shared.rows import Format
+from sif_shared.s3io import presign_get
 from sif_shared.scoring import OUTPUT_FILES
 from sif_shared.settings import Settings, get_settings
 from sif_shared.work import WorkRecord, WorkStore, new_id
@@ -134,26 +135,16 @@ class BatchesApi:
         return response
 
     def _presign(self, key: str) -> str:
-        url: str = self.s3.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.settings.results_bucket, "Key": key},
-            ExpiresIn=self.settings.presign_ttl_s,
-        )
-        return url
+        return presign_get(self.s3, self.settings.results_bucket, key, self.settings.presign_ttl_s)
 
 
 @cache
 def get_batches() -> BatchesApi:
     """A Depends() provider: clients and settings built on first use, then reused while warm."""
-    import boto3
-    from botocore.config import Config
-
-    from sif_shared.aws import table
+    from sif_shared.aws import client, table
 
     settings = get_settings()
-    # Presigned URLs are SigV4 (S3 refuses SigV2 for new buckets), expiring after presign_ttl_s.
-    presigner = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
-    return BatchesApi(settings, presigner, WorkStore(table(settings.work_table)))
+    return BatchesApi(settings, client("s3"), WorkStore(table(settings.work_table)))
 
 
 @router.post(

@@ -37,6 +37,7 @@ from sif_shared.jobs import (
     staged_input_key,
 )
 from sif_shared.routing import Accelerator, Route, choose_route
+from sif_shared.s3io import presign_get
 from sif_shared.settings import Settings, get_settings
 from sif_shared.work import WorkRecord, WorkStore, new_id
 
@@ -215,12 +216,7 @@ class JobsApi:
         return response
 
     def _presign(self, key: str) -> str:
-        url: str = self.s3.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.settings.results_bucket, "Key": key},
-            ExpiresIn=self.settings.presign_ttl_s,
-        )
-        return url
+        return presign_get(self.s3, self.settings.results_bucket, key, self.settings.presign_ttl_s)
 
 
 @cache
