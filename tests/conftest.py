@@ -70,7 +70,7 @@ def local_stack(aws_server: AwsEmulator, tmp_path_factory: pytest.TempPathFactor
 
 def _clear_settings_cache() -> None:
     try:
-        from sif_shared.settings import get_settings
+        from sif_core.settings import get_settings
     except ImportError:
         return
     get_settings.cache_clear()

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from boto3.s3.transfer import TransferConfig
 
+from sif_core.filebatch import InboxFile
+from sif_core.work import TERMINAL, WorkStore
 from sif_local.pollers import start_pollers
 from sif_local.stack import LocalStack
 from sif_modelbuild.testimages import make_test_images
-from sif_shared.filebatch import InboxFile
-from sif_shared.work import TERMINAL, WorkStore
 
 pytestmark = pytest.mark.e2e
 

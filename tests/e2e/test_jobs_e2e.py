@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import requests
 
+from sif_core.jobs import verify_signature
+from sif_core.settings import Settings
+from sif_core.work import WorkRecord, WorkStore
 from sif_local.cli import main as sif
 from sif_local.stack import LocalStack, start_workers
 from sif_metering.ledger import UsageLedger
-from sif_shared.jobs import verify_signature
-from sif_shared.settings import Settings
-from sif_shared.work import WorkRecord, WorkStore
 
 pytestmark = [pytest.mark.e2e]
 
@@ -362,7 +362,7 @@ def test_callback_is_signed_and_retried(running: Jobs, tenant: tuple[str, Client
         assert hook.arrived.wait(60), "no callback arrived"
     finally:
         hook.server.shutdown()
-    secret = running.stack.function_env("WorkerFunction").get("SIF_CALLBACK_SECRET") or Settings().callback_secret
+    secret = running.stack.function_env("WorkerFunction")["SIF_CALLBACK_SECRET"]
     assert len(hook.calls) == 2  # refused once (503), retried with backoff, taken
     for headers, body in hook.calls:
         assert verify_signature(secret, headers, body)
@@ -383,10 +383,10 @@ def test_cpu_job_that_outgrows_the_worker_is_handed_to_the_gpu_queue(
     running: Jobs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The worker function's own code path, in-process, with an invocation whose time is already up."""
+    from sif_core.jobs import JobMessage, JobRunner, JobServices
+    from sif_core.model_store import S3ModelSource
+    from sif_core.scoring import Deadline
     from sif_inference.registry import ModelRegistry
-    from sif_shared.jobs import JobMessage, JobRunner, JobServices
-    from sif_shared.model_store import S3ModelSource
-    from sif_shared.scoring import Deadline
 
     for name, value in running.stack.function_env("WorkerFunction").items():
         monkeypatch.setenv(name, value)

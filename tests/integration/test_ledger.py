@@ -4,9 +4,9 @@ from datetime import date
 
 import pytest
 
+from sif_core.aws import client
 from sif_metering import QuotaExceededError, Usage, UsageLedger, cost_usd
 from sif_metering.ledger import seconds_to_next_month
-from sif_shared.aws import client
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
-from sif_shared.rows import (
+from sif_core.rows import (
     BadRow,
     BytesSource,
     FileFormatError,
@@ -22,8 +22,8 @@ from sif_shared.rows import (
     open_rows,
     strip_format,
 )
-from sif_shared.s3io import MIN_PART_BYTES, S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
-from sif_shared.scoring import Checkpoint
+from sif_core.s3io import MIN_PART_BYTES, S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
+from sif_core.scoring import Checkpoint
 
 pytestmark = pytest.mark.integration
 

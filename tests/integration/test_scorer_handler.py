@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from sif_core.filebatch import InboxFile
+from sif_core.work import WorkStore
 from sif_local.pollers import sqs_record
 from sif_local.stack import LocalStack
-from sif_shared.filebatch import InboxFile
-from sif_shared.work import WorkStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]
 
@@ -50,7 +50,7 @@ def scorer(local_stack: LocalStack) -> Iterator[ModuleType]:
     patch = pytest.MonkeyPatch()
     for key, value in local_stack.function_env("ScorerFunction").items():
         patch.setenv(key, value)
-    from sif_shared.settings import get_settings
+    from sif_core.settings import get_settings
 
     get_settings.cache_clear()
     sys.modules.pop("sif_scorer.handler", None)

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from sif_core.tenants import hash_key
 from sif_local import cli
 from sif_local.awsemu import AwsEmulator, PortInUseError, free_port
 from sif_local.stack import STACK_JSON_NAMES, LocalStack, start_local_stack
 from sif_local.template import Template
-from sif_shared.tenants import hash_key
 
 pytestmark = pytest.mark.integration
 

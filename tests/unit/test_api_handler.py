@@ -31,7 +31,7 @@ def handler(local_stack: LocalStack) -> Iterator[ModuleType]:
     """sif_api.handler imported as Lambda would: with the function's environment (its cold start)."""
     import importlib
 
-    from sif_shared.settings import get_settings
+    from sif_core.settings import get_settings
 
     with pytest.MonkeyPatch.context() as env:
         for key, value in local_stack.function_env("ApiFunction").items():
@@ -229,8 +229,8 @@ def test_wrong_task_is_400(invoke: Invoke) -> None:
 
 def test_a_failing_dependency_is_500(invoke: Invoke, handler: ModuleType) -> None:
     from sif_api import service
+    from sif_core.aws import client
     from sif_metering import UsageLedger
-    from sif_shared.aws import client
 
     working = service.get_service()
     broken = service.ApiService(working.registry, UsageLedger(client("dynamodb"), "no-such-table"))

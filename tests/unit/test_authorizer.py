@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from sif_authorizer.keys import TenantCache, api_key_from_headers
+from sif_core.tenants import Tenant, find_tenant
 from sif_local.gateway import LambdaContext, policy_allows
 from sif_local.stack import LocalStack
-from sif_shared.tenants import Tenant, find_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def test_known_keys_are_cached(
 ) -> None:
     info, key = local_stack.create_tenant("unit-auth-cache")
     assert run(authorizer, load_event, "authorizer_bearer", key)["principalId"] == info["tenant_id"]
-    from sif_shared.tenants import hash_key
+    from sif_core.tenants import hash_key
 
     local_stack.table("TenantsTable").delete_item(Key={"key_hash": hash_key(key)})
     # answered from this instance's cache, no DynamoDB read (for up to CACHE_TTL_S)

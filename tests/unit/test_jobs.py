@@ -15,10 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sif_gpu_worker.pipeline import run_pipeline
-from sif_inference.manifest import ModelManifest
-from sif_local.batch_executor import local_command, pattern_matches, resolve_command, retry_decision
-from sif_shared.jobs import (
+from sif_core.jobs import (
     BatchJobStateChange,
     CallbackPolicy,
     ChunkResult,
@@ -35,7 +32,11 @@ from sif_shared.jobs import (
     verify_signature,
     work_from_spec_uri,
 )
-from sif_shared.routing import GpuJobSpec
+from sif_core.routing import GpuJobSpec
+from sif_core.settings import Settings
+from sif_gpu_worker.pipeline import run_pipeline
+from sif_inference.manifest import ModelManifest
+from sif_local.batch_executor import local_command, pattern_matches, resolve_command, retry_decision
 
 REPO = Path(__file__).resolve().parents[2]
 EVENTS = REPO / "events"
@@ -109,10 +110,10 @@ def test_describe_error_is_short() -> None:
 
 
 def test_callbacks_need_a_secret_and_a_public_host_outside_the_local_stack() -> None:
-    assert callback_policy_for({}) is None
-    aws = callback_policy_for({"SIF_CALLBACK_SECRET": "a-long-enough-secret"})
+    assert callback_policy_for(Settings(local=True)) is None  # no secret, no callbacks: there is no default one
+    aws = callback_policy_for(Settings(callback_secret="a-long-enough-secret"))
     assert aws is not None and not aws.allow_private_hosts
-    local = callback_policy_for({"SIF_LOCAL": "1"})
+    local = callback_policy_for(Settings(callback_secret="a-long-enough-secret", local=True))
     assert local is not None and local.allow_private_hosts
     post = FakePost(204)
     for url in ("http://127.0.0.1:9001/2018-06-01/runtime", "http://169.254.169.254/latest", "http://[::1]/x"):

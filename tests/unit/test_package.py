@@ -220,7 +220,7 @@ def test_build_without_network_layouts_sizes_and_limit(
     assert not (runtime / "botocore").exists() and not (runtime / "urllib3").exists()
     assert not (runtime / "google").exists() and not (runtime / "numpy/tests").exists()
     assert (out / "layers/inference/python/sif_inference/__init__.py").exists()
-    assert (out / "layers/inference/python/sif_shared/__init__.py").exists()
+    assert (out / "layers/inference/python/sif_core/__init__.py").exists()
     assert (out / "layers/metering/python/sif_metering/__init__.py").exists()
     for name, package_dir in {"api": "sif_api", "authorizer": "sif_authorizer"}.items():
         assert (out / "functions" / name / package_dir / "__init__.py").exists()
@@ -288,4 +288,4 @@ def test_trimmed_runtime_layer_imports_and_runs_a_model(tmp_path: Path) -> None:
     assert summary["python"] == platform.python_version()
     packages = summary["packages"]
     assert isinstance(packages, list)
-    assert {"sif_inference", "sif_shared", "sif_metering", "sif_api"} <= set(packages)
+    assert {"sif_inference", "sif_core", "sif_metering", "sif_api"} <= set(packages)

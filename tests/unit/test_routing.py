@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from sif_inference.manifest import ModelManifest
-from sif_shared.routing import (
+from sif_core.routing import (
     GpuJobSpec,
     RoutingError,
     batch_job_name,
@@ -20,7 +19,8 @@ from sif_shared.routing import (
     spec_key,
     submit_gpu_job,
 )
-from sif_shared.settings import Settings
+from sif_core.settings import Settings
+from sif_inference.manifest import ModelManifest
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sif_modelbuild.testimages import make_test_images
-from sif_shared.rows import BytesSource, FileSource
-from sif_shared.scoring import (
+from sif_core.rows import BytesSource, FileSource
+from sif_core.scoring import (
     Checkpoint,
     Deadline,
     DirSink,
@@ -27,6 +26,7 @@ from sif_shared.scoring import (
     round_significant,
     score_file,
 )
+from sif_modelbuild.testimages import make_test_images
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "all-minilm-l6-v2"
@@ -250,8 +250,8 @@ KILL_CHILD = """
 import sys
 from pathlib import Path
 from sif_inference import LocalDirSource, ModelRegistry
-from sif_shared.rows import FileSource
-from sif_shared.scoring import DirSink, FileCheckpointStore, ScoreConfig, file_model, score_file
+from sif_core.rows import FileSource
+from sif_core.scoring import DirSink, FileCheckpointStore, ScoreConfig, file_model, score_file
 src, out, models, cache = sys.argv[1:5]
 registry = ModelRegistry(LocalDirSource(Path(models)), Path(cache))
 model = file_model(registry, "all-minilm-l6-v2")
@@ -330,8 +330,8 @@ def test_long_texts_are_clipped_without_changing_their_embedding(text_model, reg
 
 
 def test_a_window_is_embedded_in_bounded_calls(registry):
-    from sif_shared.rows import Row
-    from sif_shared.scoring import TextFileModel
+    from sif_core.rows import Row
+    from sif_core.scoring import TextFileModel
 
     calls = []
     embedder = registry.embedder(MODEL)

@@ -25,7 +25,7 @@ from sif_api import (
     routes_usage,
     service,
 )
-from sif_shared.settings import Settings
+from sif_core.settings import Settings
 
 # Usage metrics go out per call through sif_metering (tenant and model dimensions); requests that
 # meter nothing (health, models, usage) leave this set empty, which is fine.

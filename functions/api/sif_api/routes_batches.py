@@ -25,13 +25,13 @@ from sif_api.errors import NotFoundError
 from sif_api.routes_meta import SECURITY
 from sif_api.schemas import ModelName, error_responses
 from sif_api.service import ApiService, get_service
-from sif_shared.filebatch import BATCH_ID, INBOX_PREFIX, RESULTS_PREFIX
-from sif_shared.routing import Accelerator, Route
-from sif_shared.rows import Format
-from sif_shared.s3io import presign_get
-from sif_shared.scoring import OUTPUT_FILES
-from sif_shared.settings import Settings, get_settings
-from sif_shared.work import WorkRecord, WorkStore, new_id
+from sif_core.filebatch import BATCH_ID, INBOX_PREFIX, RESULTS_PREFIX
+from sif_core.routing import Accelerator, Route
+from sif_core.rows import Format
+from sif_core.s3io import presign_get
+from sif_core.scoring import OUTPUT_FILES
+from sif_core.settings import Settings, get_settings
+from sif_core.work import WorkRecord, WorkStore, new_id
 
 logger = Logger(child=True)
 router = Router()
@@ -141,7 +141,7 @@ class BatchesApi:
 @cache
 def get_batches() -> BatchesApi:
     """A Depends() provider: clients and settings built on first use, then reused while warm."""
-    from sif_shared.aws import client, table
+    from sif_core.aws import client, table
 
     settings = get_settings()
     return BatchesApi(settings, client("s3"), WorkStore(table(settings.work_table)))

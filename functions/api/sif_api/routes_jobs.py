@@ -26,7 +26,7 @@ from sif_api.errors import ApiError, NotFoundError
 from sif_api.routes_meta import SECURITY
 from sif_api.schemas import ModelName, error_responses
 from sif_api.service import ApiService, get_service
-from sif_shared.jobs import (
+from sif_core.jobs import (
     MAX_INLINE_MESSAGE_BYTES,
     JobFailedError,
     JobInput,
@@ -36,10 +36,10 @@ from sif_shared.jobs import (
     instance_rows,
     staged_input_key,
 )
-from sif_shared.routing import Accelerator, Route, choose_route
-from sif_shared.s3io import presign_get
-from sif_shared.settings import Settings, get_settings
-from sif_shared.work import WorkRecord, WorkStore, new_id
+from sif_core.routing import Accelerator, Route, choose_route
+from sif_core.s3io import presign_get
+from sif_core.settings import Settings, get_settings
+from sif_core.work import WorkRecord, WorkStore, new_id
 
 logger = Logger(child=True)
 router = Router()
@@ -222,7 +222,7 @@ class JobsApi:
 @cache
 def get_jobs() -> JobsApi:
     """A Depends() provider: clients and settings built on first use, then reused while warm."""
-    from sif_shared.aws import client, table
+    from sif_core.aws import client, table
 
     settings = get_settings()
     return JobsApi(settings, client("s3"), client("sqs"), WorkStore(table(settings.work_table)))

@@ -39,6 +39,7 @@ from sif_api.schemas import (
     UsageResponse,
     UsageTotals,
 )
+from sif_core.settings import Settings
 from sif_inference.errors import ModelNotFoundError, WrongTaskError
 from sif_inference.manifest import ModelManifest, Price
 from sif_inference.registry import ModelRegistry
@@ -46,7 +47,6 @@ from sif_metering.ledger import QuotaExceededError, Usage, UsageLedger
 from sif_metering.metrics import UsageMetrics
 from sif_metering.pricing import cost_usd
 from sif_metering.quota import QuotaGate
-from sif_shared.settings import Settings
 
 logger = Logger(child=True)
 
@@ -80,8 +80,8 @@ class ApiService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiService:
-        from sif_shared.aws import client
-        from sif_shared.model_store import registry_from_settings
+        from sif_core.aws import client
+        from sif_core.model_store import registry_from_settings
 
         ledger = UsageLedger(client("dynamodb"), settings.usage_table)
         return cls(registry_from_settings(settings), ledger, quota=QuotaGate(ledger), usage_metrics=UsageMetrics())

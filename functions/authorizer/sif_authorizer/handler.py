@@ -19,9 +19,9 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_authorizer.keys import TenantCache, api_key_from_headers
-from sif_shared.aws import table
-from sif_shared.settings import Settings
-from sif_shared.tenants import Tenant, find_tenant
+from sif_core.aws import table
+from sif_core.settings import Settings
+from sif_core.tenants import Tenant, find_tenant
 
 logger = Logger()
 tracer = Tracer()

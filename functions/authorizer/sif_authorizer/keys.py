@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from sif_shared.tenants import Tenant, hash_key
+from sif_core.tenants import Tenant, hash_key
 
 CACHE_TTL_S = 60.0
 CACHE_SIZE = 10_000

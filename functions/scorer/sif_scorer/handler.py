@@ -29,18 +29,18 @@ from aws_lambda_powertools.utilities.idempotency import (
 from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sif_scorer.events import Continuation, FileTask, InboxRecord, InboxS3Event, InboxS3Record, S3TestEvent
-from sif_shared.aws import client
-from sif_shared.filebatch import (
+from sif_core.aws import client
+from sif_core.filebatch import (
     INBOX_PREFIX,
     FileBatchRunner,
     InboxFile,
     NotAnInboxFileError,
     services_from_settings,
 )
-from sif_shared.jobs import max_receive_count
-from sif_shared.scoring import Deadline
-from sif_shared.settings import get_settings
+from sif_core.jobs import max_receive_count
+from sif_core.scoring import Deadline
+from sif_core.settings import get_settings
+from sif_scorer.events import Continuation, FileTask, InboxRecord, InboxS3Event, InboxS3Record, S3TestEvent
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 

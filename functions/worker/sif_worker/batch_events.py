@@ -8,24 +8,25 @@ waits forever in queued or running. A record that already finished is left alone
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sif_shared.jobs import (
+from sif_core.jobs import (
     BatchJobStateChange,
     JobRunner,
     callback_policy_for,
     fail_from_batch_event,
     services_from_settings,
 )
-from sif_shared.settings import get_settings
+from sif_core.settings import get_settings
 
 logger = Logger()
-runner = JobRunner(services_from_settings(get_settings(), batch=None, callback_policy=callback_policy_for(os.environ)))
+runner = JobRunner(
+    services_from_settings(get_settings(), batch=None, callback_policy=callback_policy_for(get_settings()))
+)
 
 
 @logger.inject_lambda_context

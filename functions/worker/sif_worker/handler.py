@@ -13,7 +13,6 @@ moves the message to the DLQ (`sif jobs redrive` puts it back).
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from typing import Any
 
@@ -28,10 +27,10 @@ from aws_lambda_powertools.utilities.idempotency import (
 from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sif_shared.aws import client
-from sif_shared.jobs import JobMessage, JobRunner, callback_policy_for, max_receive_count, services_from_settings
-from sif_shared.scoring import Deadline
-from sif_shared.settings import get_settings
+from sif_core.aws import client
+from sif_core.jobs import JobMessage, JobRunner, callback_policy_for, max_receive_count, services_from_settings
+from sif_core.scoring import Deadline
+from sif_core.settings import get_settings
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 
@@ -40,7 +39,7 @@ logger = Logger()
 tracer = Tracer()
 # Every record failing is answered like any partial failure (all ids listed), not raised.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-runner = JobRunner(services_from_settings(settings, callback_policy=callback_policy_for(os.environ)))
+runner = JobRunner(services_from_settings(settings, callback_policy=callback_policy_for(settings)))
 idempotency = IdempotencyConfig(
     event_key_jmespath="[tenant, id]",
     raise_on_no_idempotency_key=True,

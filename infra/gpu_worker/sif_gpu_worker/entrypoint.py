@@ -24,10 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from sif_gpu_worker.pipeline import PipelineStats, run_pipeline
-from sif_inference.embedder import TextEmbedder
-from sif_metering.ledger import Usage
-from sif_shared.jobs import (
+from sif_core.jobs import (
     ChunkResult,
     InputRow,
     JobFailedError,
@@ -43,8 +40,11 @@ from sif_shared.jobs import (
     rounded_vectors,
     services_from_settings,
 )
-from sif_shared.routing import GpuJobSpec, read_spec
-from sif_shared.settings import Settings
+from sif_core.routing import GpuJobSpec, read_spec
+from sif_core.settings import Settings
+from sif_gpu_worker.pipeline import PipelineStats, run_pipeline
+from sif_inference.embedder import TextEmbedder
+from sif_metering.ledger import Usage
 
 log = logging.getLogger("sif_gpu_worker")
 
@@ -183,7 +183,7 @@ class GpuJob:
 
 def run_batch_spec(spec: GpuJobSpec, settings: Settings) -> None:
     """A drop-file batch routed to the GPU queue: scored by the batch scorer's streaming scorer."""
-    from sif_shared.filebatch import score_gpu_batch
+    from sif_core.filebatch import score_gpu_batch
 
     outcome = score_gpu_batch(spec, settings)
     log.info("batch %s: %s", spec.id, outcome.as_dict())
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     settings = Settings.from_env()
-    services = services_from_settings(settings, batch=None, callback_policy=callback_policy_for(os.environ))
+    services = services_from_settings(settings, batch=None, callback_policy=callback_policy_for(settings))
     runner = JobRunner(services)
     try:
         spec = read_spec(services.s3, args.spec)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sif_shared.jobs import ChunkResult, InputRow
+from sif_core.jobs import ChunkResult, InputRow
 
 T = TypeVar("T")
 _DONE = object()

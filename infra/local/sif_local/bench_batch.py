@@ -62,11 +62,11 @@ class InProcess:
     """PyTorch sentence-transformers and the scorer's own model adapter, loaded once, in this process."""
 
     def __init__(self, threads: int, tmp: Path) -> None:
+        from sif_core.scoring import file_model
         from sif_inference import LocalDirSource, ModelRegistry
         from sif_local.bench import Baseline
         from sif_local.stack import models_dir_from_env
         from sif_modelbuild.minilm import checkpoint_dir
-        from sif_shared.scoring import file_model
 
         self.baseline = Baseline(checkpoint_dir(tmp), threads)
         registry = ModelRegistry(LocalDirSource(models_dir_from_env()), tmp / "cache", threads=threads)
@@ -83,7 +83,7 @@ class InProcess:
         return len(texts) / (time.perf_counter() - started)
 
     def scorer(self, texts: list[str]) -> float:
-        from sif_shared.rows import Row
+        from sif_core.rows import Row
 
         started = time.perf_counter()
         for start in range(0, len(texts), self.model.window_rows):
@@ -175,7 +175,7 @@ def end_to_end(rows: int, runs: int, baseline_rows: int, threads: int) -> dict[s
 def serialisation(rows: int = 2000) -> dict[str, Any]:
     import numpy as np
 
-    from sif_shared.scoring import format_vectors, round_significant
+    from sif_core.scoring import format_vectors, round_significant
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((rows, 384)).astype(np.float32)
@@ -241,8 +241,8 @@ import json, sys, time
 from pathlib import Path
 import boto3
 from sif_inference import LocalDirSource, ModelRegistry
-from sif_shared.s3io import S3CheckpointStore, S3Object, S3ResultSink
-from sif_shared.scoring import file_model, score_file
+from sif_core.s3io import S3CheckpointStore, S3Object, S3ResultSink
+from sif_core.scoring import file_model, score_file
 
 def kb(field):
     for line in open("/proc/self/status"):

@@ -112,7 +112,7 @@ def _stack_clients(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from sif_shared.tenants import create_tenant
+    from sif_core.tenants import create_tenant
 
     try:
         info, (session, endpoint) = _stack_clients(args)
@@ -150,7 +150,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_jobs_redrive(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from sif_shared.jobs import redrive
+    from sif_core.jobs import redrive
 
     try:
         info, (session, endpoint) = _stack_clients(args)

@@ -17,9 +17,9 @@ READY = "READY"
 def ours(bucket: str, model: str) -> None:
     from pathlib import Path
 
+    from sif_core.aws import client
+    from sif_core.model_store import S3ModelSource
     from sif_inference import ModelRegistry
-    from sif_shared.aws import client
-    from sif_shared.model_store import S3ModelSource
 
     registry = ModelRegistry(S3ModelSource(client("s3"), bucket), Path(tempfile.mkdtemp(prefix="sif-cold-")))
     registry.prefetch(model)  # as the handlers do at import: the download overlaps onnxruntime's import

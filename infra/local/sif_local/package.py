@@ -19,7 +19,7 @@ such an interpreter, the way Lambda lays it out, and runs a tiny model.
 Output under ``--out`` (default ``build/package``)::
 
     layers/runtime/python/      third-party runtime (onnxruntime, tokenizers, numpy, ...)
-    layers/inference/python/    sif_inference + sif_shared
+    layers/inference/python/    sif_inference + sif_core
     layers/metering/python/     sif_metering
     functions/<name>/           each function's own package(s)
     zips/layer-<name>.zip, zips/function-<name>.zip
@@ -103,7 +103,7 @@ JUNK_SUFFIXES = (".pyc", ".pyo")
 
 # Layers and functions: artifact name -> source folders copied into it.
 LAYER_SOURCES: dict[str, tuple[str, ...]] = {
-    "inference": ("layers/inference/python/sif_inference", "shared/sif_shared"),
+    "inference": ("layers/inference/python/sif_inference", "shared/sif_core"),
     "metering": ("layers/metering/python/sif_metering",),
 }
 FUNCTIONS = ("api", "authorizer", "scorer", "worker")

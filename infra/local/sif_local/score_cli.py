@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from sif_shared.rows import detect_format, strip_format
+from sif_core.rows import detect_format, strip_format
 
 POLL_S = 0.5
 BAR_WIDTH = 30

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -258,7 +259,16 @@ class LocalStack:
         env.setdefault("SIF_MODEL_CACHE_DIR", str(self.state_dir / "model-cache"))
         env["POWERTOOLS_TRACE_DISABLED"] = "true"  # no X-Ray daemon locally
         env["SIF_LOCAL"] = "1"
+        # No secret ships with the code: the local stack signs callbacks with one of its own, kept in its state.
+        env.setdefault("SIF_CALLBACK_SECRET", self.local_callback_secret())
         return env
+
+    def local_callback_secret(self) -> str:
+        path = self.state_dir / "callback-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+        return path.read_text().strip()
 
     # ------------------------------------------------------------ create
     def create(self) -> LocalStack:
@@ -651,7 +661,7 @@ class LocalStack:
 
     def create_tenant(self, name: str, *, monthly_calls: int | None = None) -> tuple[dict[str, Any], str]:
         """A new tenant in the tenants table; returns (tenant, api_key). Only the key's hash is stored."""
-        from sif_shared.tenants import create_tenant
+        from sif_core.tenants import create_tenant
 
         kwargs: dict[str, Any] = {} if monthly_calls is None else {"monthly_calls": monthly_calls}
         tenant, api_key = create_tenant(self.table(STACK_JSON_NAMES["tables"]["tenants"]), name, **kwargs)

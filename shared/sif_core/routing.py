@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
+from sif_core.settings import Settings
 from sif_inference.manifest import ModelManifest
-from sif_shared.settings import Settings
 
 Route = Literal["cpu", "gpu"]
 Accelerator = Literal["auto", "cpu", "gpu"]

@@ -12,7 +12,7 @@ the deadline. A run that stops (deadline, crash, kill) resumes from its last che
 before it are never scored again and the parts after it are rewritten under the same numbers,
 so the final files hold every row exactly once, in input order.
 
-No AWS in here: the Lambda scorer and the GPU worker pass S3 adapters (sif_shared.s3io); tests
+No AWS in here: the Lambda scorer and the GPU worker pass S3 adapters (sif_core.s3io); tests
 and benchmarks pass the local ones below.
 """
 
@@ -31,12 +31,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from sif_core.rows import BadRow, ByteSource, Format, Item, Position, Row, decode_b64, open_rows
 from sif_inference.embedder import TextEmbedder
 from sif_inference.errors import InferenceError
 from sif_inference.images import ImageClassifier
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import ModelRegistry
-from sif_shared.rows import BadRow, ByteSource, Format, Item, Position, Row, decode_b64, open_rows
 
 Stream = Literal["predictions", "errors"]
 STREAMS: tuple[Stream, ...] = ("predictions", "errors")

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from botocore.exceptions import ClientError
 
-from sif_shared.scoring import OUTPUT_FILES, Checkpoint, Stream
+from sif_core.scoring import OUTPUT_FILES, Checkpoint, Stream
 
 MIN_PART_BYTES = 5 << 20  # S3's floor for every part but the last
 CHECKPOINT_NAME = "_state/checkpoint.json.gz"
@@ -32,7 +32,7 @@ class SourceChangedError(Exception):
 
 
 def presign_get(s3: Any, bucket: str, key: str, ttl_s: int) -> str:
-    """An expiring GET for one object (the S3 client signs SigV4: see sif_shared.aws)."""
+    """An expiring GET for one object (the S3 client signs SigV4: see sif_core.aws)."""
     url: str = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s)
     return url
 
@@ -50,7 +50,7 @@ def quoted(etag: str) -> str:
 
 
 class S3Object:
-    """One S3 object (at one ETag) as a ByteSource for sif_shared.rows."""
+    """One S3 object (at one ETag) as a ByteSource for sif_core.rows."""
 
     def __init__(self, s3: Any, bucket: str, key: str, etag: str | None = None, size: int | None = None) -> None:
         self.s3 = s3

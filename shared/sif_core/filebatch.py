@@ -1,7 +1,7 @@
 """Drop-file batches: an inbox object -> its batch record, its route, the scored outputs, the bill.
 
 Shared by the scorer function (files routed to CPU, in deadline-bounded segments) and the GPU
-worker (files routed to the Batch queue, in one go). The scoring itself is sif_shared.scoring;
+worker (files routed to the Batch queue, in one go). The scoring itself is sif_core.scoring;
 this module adds what makes a file a *batch*:
 
 - where things are: `incoming/{tenant}/{model}/{name}.{ext}` in, `results/{tenant}/{model}/{name}/`
@@ -28,14 +28,10 @@ from typing import Any, Literal
 
 from botocore.exceptions import ClientError
 
-from sif_inference.errors import InferenceError, ModelNotFoundError
-from sif_inference.manifest import ModelManifest
-from sif_inference.registry import ModelRegistry
-from sif_metering.ledger import Usage, UsageLedger
-from sif_shared.routing import GpuJobSpec, Route, choose_route, parse_s3_uri, submit_gpu_job
-from sif_shared.rows import FileFormatError, Format, detect_format, strip_format
-from sif_shared.s3io import CHECKPOINT_NAME, S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
-from sif_shared.scoring import (
+from sif_core.routing import GpuJobSpec, Route, choose_route, parse_s3_uri, submit_gpu_job
+from sif_core.rows import FileFormatError, Format, detect_format, strip_format
+from sif_core.s3io import CHECKPOINT_NAME, S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
+from sif_core.scoring import (
     OUTPUT_FILES,
     Checkpoint,
     Deadline,
@@ -44,10 +40,14 @@ from sif_shared.scoring import (
     file_model,
     score_file,
 )
-from sif_shared.settings import Settings
-from sif_shared.work import TERMINAL, WorkRecord, WorkStore
+from sif_core.settings import Settings
+from sif_core.work import TERMINAL, WorkRecord, WorkStore
+from sif_inference.errors import InferenceError, ModelNotFoundError
+from sif_inference.manifest import ModelManifest
+from sif_inference.registry import ModelRegistry
+from sif_metering.ledger import Usage, UsageLedger
 
-log = logging.getLogger("sif_shared.filebatch")
+log = logging.getLogger("sif_core.filebatch")
 
 INBOX_PREFIX = "incoming/"
 RESULTS_PREFIX = "results/"
@@ -468,8 +468,8 @@ class _CountingRead:
 
 # ---------------------------------------------------------------------- the GPU worker's entry
 def services_from_settings(settings: Settings, **overrides: Any) -> BatchServices:
-    from sif_shared.aws import client, table
-    from sif_shared.model_store import registry_from_settings
+    from sif_core.aws import client, table
+    from sif_core.model_store import registry_from_settings
 
     values: dict[str, Any] = {
         "settings": settings,

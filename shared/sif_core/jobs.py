@@ -3,7 +3,7 @@
 A job is `{"model", "input": {"instances": [...]} or {"s3_uri": ...}, "accelerator", "callback_url"}`
 for one tenant. It arrives on the jobs queue from POST /v1/jobs or from any producer (the
 message schema is `JobMessage`; events/sqs_job_*.json are samples) and is either run here, on
-CPU inside the worker function, or handed to the AWS Batch GPU queue (`sif_shared.routing`).
+CPU inside the worker function, or handed to the AWS Batch GPU queue (`sif_core.routing`).
 
 Status moves queued -> running -> succeeded | failed in the work table, with progress. On
 completion the job is metered once (the ledger is idempotent on "job#{id}"), announced on the SNS
@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 from urllib.parse import urlsplit
@@ -39,11 +39,7 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sif_inference.errors import InferenceError, ModelNotFoundError
-from sif_inference.manifest import ModelManifest
-from sif_inference.registry import ModelRegistry
-from sif_metering.ledger import Usage, UsageLedger
-from sif_shared.routing import (
+from sif_core.routing import (
     SPEC_PARAMETER,
     SPECS_DIR,
     Accelerator,
@@ -53,11 +49,15 @@ from sif_shared.routing import (
     parse_s3_uri,
     submit_gpu_job,
 )
-from sif_shared.rows import BadRow, FileFormatError, decode_b64, detect_format, open_rows
-from sif_shared.s3io import presign_get
-from sif_shared.scoring import Deadline, round_significant
-from sif_shared.settings import Settings
-from sif_shared.work import TERMINAL, WorkRecord, WorkStore
+from sif_core.rows import BadRow, FileFormatError, decode_b64, detect_format, open_rows
+from sif_core.s3io import presign_get
+from sif_core.scoring import Deadline, round_significant
+from sif_core.settings import Settings
+from sif_core.work import TERMINAL, WorkRecord, WorkStore
+from sif_inference.errors import InferenceError, ModelNotFoundError
+from sif_inference.manifest import ModelManifest
+from sif_inference.registry import ModelRegistry
+from sif_metering.ledger import Usage, UsageLedger
 
 log = logging.getLogger("sif.jobs")
 
@@ -401,13 +401,12 @@ class CallbackPolicy:
     allow_private_hosts: bool = False
 
 
-def callback_policy_for(environ: Mapping[str, str]) -> CallbackPolicy | None:
-    """Callbacks are signed, so they go out only with a configured secret; the local stack (SIF_LOCAL=1)
-    signs with the built-in one and calls back to 127.0.0.1. None: no callbacks."""
-    local = environ.get("SIF_LOCAL") == "1"
-    if not environ.get("SIF_CALLBACK_SECRET") and not local:
+def callback_policy_for(settings: Settings) -> CallbackPolicy | None:
+    """Callbacks are signed, so they go out only with a configured secret (None: no callbacks); on the
+    local stack (settings.local) they may call back to 127.0.0.1."""
+    if settings.secret() is None:
         return None
-    return CallbackPolicy(allow_private_hosts=local)
+    return CallbackPolicy(allow_private_hosts=settings.local)
 
 
 def public_host(url: str) -> bool:
@@ -829,15 +828,15 @@ class JobRunner:
             if error is not None:
                 payload["error"] = error
             delivered = deliver_callback(
-                callback_url, payload, self.s.settings.callback_secret, post=self.s.post, policy=self.s.callback_policy
+                callback_url, payload, self.s.settings.secret() or "", post=self.s.post, policy=self.s.callback_policy
             )
             self.s.store.update(tenant, "job", job_id, callback_delivered=delivered)
 
 
 def services_from_settings(settings: Settings, **overrides: Any) -> JobServices:
     """The services built from the environment's settings (once per process, at cold start)."""
-    from sif_shared.aws import client, table
-    from sif_shared.model_store import registry_from_settings
+    from sif_core.aws import client, table
+    from sif_core.model_store import registry_from_settings
 
     values: dict[str, Any] = {
         "settings": settings,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sif_core.settings import Settings
 from sif_inference.errors import ModelNotFoundError
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import ModelRegistry
 from sif_inference.sources import MANIFEST_FILE, version_key
-from sif_shared.settings import Settings
 
 PREFIX = "models/"
 
@@ -52,6 +52,6 @@ class S3ModelSource:
 
 
 def registry_from_settings(settings: Settings) -> ModelRegistry:
-    from sif_shared.aws import client
+    from sif_core.aws import client
 
     return ModelRegistry(S3ModelSource(client("s3"), settings.models_bucket), settings.model_cache_dir)

@@ -1,0 +1,50 @@
+"""The one Settings: read from the environment (prefix SIF_) once, at a handler's import.
+
+Logic receives values from here, never reads os.environ itself. Secrets are SecretStr and have
+no default: a deployment without CallbackSigningSecret sends no callbacks rather than signing
+with a well-known key. `local` says the code runs on the local stack (callbacks may reach
+127.0.0.1 there); it is an explicit field, not a variable read deep in the logic.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIF_", extra="ignore", frozen=True)
+
+    models_bucket: str = ""
+    inbox_bucket: str = ""
+    results_bucket: str = ""
+    jobs_queue_url: str = ""
+    inbox_queue_url: str = ""
+    batch_job_queue: str = ""
+    batch_job_definition: str = ""
+    tenants_table: str = ""
+    usage_table: str = ""
+    work_table: str = ""
+    idempotency_table: str = ""
+    job_topic_arn: str = ""
+    model_cache_dir: Path = Path("/tmp/sif-models")  # noqa: S108 - Lambda's only writable place
+    presign_ttl_s: int = 3600
+    callback_secret: SecretStr | None = None
+    local: bool = False
+    # A batch created with POST /v1/batches whose file never arrives expires this long after its upload URL.
+    upload_grace_s: int = 600
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls()
+
+    def secret(self) -> str | None:
+        return self.callback_secret.get_secret_value() if self.callback_secret else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
