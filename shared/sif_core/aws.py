@@ -32,3 +32,9 @@ def table(name: str) -> Any:
         with _lock:
             tables[name] = boto3.session.Session().resource("dynamodb", config=_CONFIG).Table(name)
     return tables[name]
+
+
+def presign_get(s3: Any, bucket: str, key: str, ttl_s: int) -> str:
+    """An expiring GET for one object (the S3 client signs SigV4)."""
+    url: str = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s)
+    return url

@@ -1,88 +1,49 @@
-"""Async jobs: the jobs-queue message schema and what running a job means (no handler code here).
+"""Async jobs: the jobs-queue message and what running one means (no handler code here).
 
-A job is `{"model", "input": {"instances": [...]} or {"s3_uri": ...}, "accelerator", "callback_url"}`
-for one tenant. It arrives on the jobs queue from POST /v1/jobs or from any producer (the
-message schema is `JobMessage`; events/sqs_job_*.json are samples) and is either run here, on
-CPU inside the worker function, or handed to the AWS Batch GPU queue (`sif_core.routing`).
+A job is `{"model", "input": {"instances": [...]} or {"s3_uri": ...}, "accelerator", "on_error",
+"callback_url"}` for one tenant. It arrives on the jobs queue from POST /v1/jobs or from any
+producer (`JobMessage`; events/sqs_job_*.json are samples). It runs through the same file engine,
+lifecycle, quota and events as a dropped file (`WorkRunner`, `Lifecycle`): inline instances are
+read as the JSONL file they describe, an `s3_uri` as the file it names, so the same rows give the
+same predictions.jsonl, errors.jsonl and manifest.json either way. A bad row goes to errors.jsonl
+(`on_error: "fail"` makes the job all-or-nothing instead).
 
-Status moves queued -> running -> succeeded | failed in the work table, with progress. On
-completion the job is metered once (the ledger is idempotent on "job#{id}"), announced on the SNS
-topic and, when a callback_url was given, POSTed there with an HMAC-SHA256 signature; a failing
-callback is retried with backoff and never fails the job.
-
-Two kinds of failure: `JobFailedError` (the job itself is wrong: unknown model, unreadable input,
-bad rows) fails the job at once with that reason; anything else is raised to the caller so the
-queue retries it, and on the last receive (`give_up`) the job is marked failed with the error
-before the message moves to the dead-letter queue.
+Two kinds of failure: `WorkFailedError` (the job itself is wrong: unknown model, unreadable input)
+fails the job at once; anything else is raised to the caller so the queue retries it, and on the
+last receive (`give_up`) the job is marked failed before the message moves to the dead-letter queue.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import re
-import socket
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import IO, Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
-import numpy as np
-from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sif_core.routing import (
-    SPEC_PARAMETER,
-    SPECS_DIR,
-    Accelerator,
-    GpuJobSpec,
-    Route,
-    choose_route,
-    parse_s3_uri,
-    submit_gpu_job,
-)
-from sif_core.rows import BadRow, FileFormatError, decode_b64, detect_format, open_rows
-from sif_core.s3io import presign_get
-from sif_core.scoring import Deadline, round_significant
-from sif_core.settings import Settings
-from sif_core.work import TERMINAL, WorkRecord, WorkStore
-from sif_inference.errors import InferenceError, ModelNotFoundError
+from sif_core import keys
+from sif_core.callbacks import check_callback_url
+from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle, WorkFailedError, short_error
+from sif_core.routing import Accelerator, GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
+from sif_core.rows import ByteSource, BytesSource, Format, detect_format
+from sif_core.runner import DeadlineReached, OnError, Outcome, Work, WorkRunner
+from sif_core.s3io import S3Object, SourceChangedError
+from sif_core.scoring import Deadline
+from sif_core.work import TERMINAL, WorkRecord
+from sif_inference.errors import ModelNotFoundError
 from sif_inference.manifest import ModelManifest
-from sif_inference.registry import ModelRegistry
-from sif_metering.ledger import Usage, UsageLedger
+from sif_metering.ledger import QuotaExceededError
 
 log = logging.getLogger("sif.jobs")
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
-SIGNATURE_HEADER = "X-Sif-Signature"
-TIMESTAMP_HEADER = "X-Sif-Timestamp"
-EVENT_HEADER = "X-Sif-Event"
-CHUNK_ITEMS = 1024  # items per inference call (length-sorted inside: bigger chunks pad less)
-PROGRESS_EVERY_S = 1.0
-MAX_ERROR_CHARS = 1000
 MAX_INLINE_MESSAGE_BYTES = 240 * 1024  # SQS takes 256 KiB; bigger instance lists are staged in S3
-OUTPUT_FILES = ("predictions.jsonl", "errors.jsonl", "manifest.json")
 
 
-# ---------------------------------------------------------------------- errors
-class JobFailedError(Exception):
-    """The job cannot succeed as submitted (retrying would not help): it fails with this message."""
-
-
-class JobInputError(JobFailedError):
-    """The job's input is missing, unreadable or has bad rows."""
-
-
-class DeadlineReached(Exception):
-    """The worker function is about to time out: the job goes on the GPU queue instead."""
+class JobInputError(WorkFailedError):
+    """The job's input is missing, unreadable or not allowed."""
 
 
 # ---------------------------------------------------------------------- the message
@@ -99,7 +60,7 @@ class JobInput(BaseModel):
         if (self.instances is None) == (self.s3_uri is None):
             raise ValueError('input needs exactly one of "instances" or "s3_uri"')
         if self.s3_uri is not None:
-            parse_s3_uri(self.s3_uri)
+            keys.parse_s3_uri(self.s3_uri)
         return self
 
 
@@ -116,6 +77,9 @@ class JobMessage(BaseModel):
     accelerator: Accelerator = "auto"
     route: Route | None = Field(default=None, description="decided by the API; the worker routes when absent")
     variant: str | None = None
+    on_error: OnError = Field(
+        default="continue", description='"fail": all-or-nothing; else bad rows go to errors.jsonl'
+    )
     callback_url: str | None = Field(default=None, max_length=2048)
     submitted_at: float | None = None
 
@@ -127,22 +91,6 @@ class JobMessage(BaseModel):
     @property
     def metering_id(self) -> str:
         return f"job#{self.id}"
-
-
-def check_callback_url(value: str | None) -> str | None:
-    """A callback_url must be http(s) with a host (where it points is checked again at delivery)."""
-    if value is not None and not re.match(r"^https?://[^\s/?#]+", value):
-        raise ValueError("callback_url must be an http(s) URL")
-    return value
-
-
-def output_prefix(tenant: str, model: str, job_id: str) -> str:
-    return f"results/{tenant}/{model}/{job_id}/"
-
-
-def staged_input_key(tenant: str, job_id: str) -> str:
-    """Where the API stages an instance list too big for one SQS message."""
-    return f"results/{tenant}/_inputs/{job_id}.jsonl"
 
 
 def loose_identity(body: str) -> tuple[str, str] | None:
@@ -158,436 +106,174 @@ def loose_identity(body: str) -> tuple[str, str] | None:
     return (str(job_id), str(tenant)) if all(valid) else None
 
 
-def check_input_uri(uri: str, tenant: str, settings: Settings) -> tuple[str, str]:
-    """A job may read only its tenant's own inbox or results prefix: (bucket, key) or JobInputError."""
-    try:
-        bucket, key = parse_s3_uri(uri)
-    except ValueError as exc:
-        raise JobInputError(str(exc)) from exc
-    allowed = [(settings.inbox_bucket, f"incoming/{tenant}/"), (settings.results_bucket, f"results/{tenant}/")]
-    if not any(bucket == b and key.startswith(p) for b, p in allowed if b):
-        raise JobInputError(
-            f"s3_uri must be under s3://{settings.inbox_bucket}/incoming/{tenant}/ "
-            f"or s3://{settings.results_bucket}/results/{tenant}/"
-        )
-    return bucket, key
-
-
-# ---------------------------------------------------------------------- input rows
-@dataclass(frozen=True)
-class InputRow:
-    id: Any
-    value: Any  # a str for text models, bytes for image models
-
-
-def _row_value(manifest: ModelManifest, raw: Any, where: str) -> Any:
-    if manifest.task == "embedding":
-        if isinstance(raw, dict):
-            raw = raw.get("text")
-        if not isinstance(raw, str):
-            raise JobInputError(f'{where}: expected a string (or a row with "text")')
-        limit = manifest.limits.max_text_chars
-        if limit is not None and len(raw) > limit:
-            raise JobInputError(f"{where}: {len(raw)} characters; the limit is {limit}")
-        return raw
-    b64 = raw.get("b64") if isinstance(raw, dict) else None
-    if not isinstance(b64, str):
-        raise JobInputError(f'{where}: expected {{"b64": "..."}}')
-    try:
-        data = decode_b64(b64)
-    except ValueError as exc:
-        raise JobInputError(f"{where}: b64 is not valid base64") from exc
-    return _image_bytes(manifest, data, where)
-
-
-def _image_bytes(manifest: ModelManifest, data: bytes, where: str) -> bytes:
-    limit = manifest.limits.max_image_bytes
-    if limit is not None and len(data) > limit:
-        raise JobInputError(f"{where}: image is {len(data)} bytes; the limit is {limit}")
-    return data
-
-
-def instance_rows(manifest: ModelManifest, instances: list[Any]) -> list[InputRow]:
-    """Inline instances -> rows with their index as id; the first bad instance fails the job."""
-    if len(instances) > manifest.limits.max_batch_rows:
-        raise JobInputError(
-            f"{len(instances)} instances; {manifest.name} takes at most {manifest.limits.max_batch_rows}"
-        )
-    return [InputRow(i, _row_value(manifest, raw, f"instances[{i}]")) for i, raw in enumerate(instances)]
-
-
-class _StreamSource:
-    """An already-open stream as the rows reader's ByteSource (read once, from the start)."""
-
-    def __init__(self, stream: IO[bytes], size: int | None) -> None:
-        self.stream = stream
-        self._size = size
-
-    @property
-    def size(self) -> int | None:
-        return self._size
-
-    def open(self, offset: int = 0) -> IO[bytes]:
-        if offset:
-            raise ValueError("a job's input is read once, from the start")
-        return self.stream
-
-
-def iter_file_rows(manifest: ModelManifest, stream: IO[bytes], key: str, size: int | None = None) -> Iterator[InputRow]:
-    """Rows of a JSONL ({"id", "text"} or {"id", "b64"}) or CSV (id and text columns) file, optionally .gz,
-    read by the batch scorer's row reader. A job is all-or-nothing: the first bad row fails it."""
-    fmt = detect_format(key)
-    if fmt is None:
-        raise JobInputError(f"{key}: unknown format (use .jsonl or .csv, optionally .gz)")
-    text = manifest.task == "embedding"
-    count = 0
-    try:
-        with open_rows(_StreamSource(stream, size), fmt, "text" if text else "b64") as reader:
-            for item in reader:
-                if isinstance(item, BadRow):
-                    raise JobInputError(f"line {item.line}: {item.error}")
-                where = f"line {item.line}"
-                if text:
-                    value: Any = _row_value(manifest, item.value, where)
-                else:
-                    try:
-                        value = _image_bytes(manifest, decode_b64(item.value), where)
-                    except ValueError as exc:
-                        raise JobInputError(f"{where}: {exc}") from exc
-                count += 1
-                if count > manifest.limits.max_batch_rows:
-                    raise JobInputError(f"more than {manifest.limits.max_batch_rows} rows; {manifest.name}'s limit")
-                yield InputRow(item.id, value)
-    except FileFormatError as exc:
-        raise JobInputError(f"{key}: {exc}") from exc
-    if count == 0:
-        raise JobInputError(f"{key} has no rows")
-
-
-def open_input(s3: Any, bucket: str, key: str) -> tuple[IO[bytes], int]:
-    """The input object's body stream and its size; a missing or forbidden object fails the job."""
-    try:
-        resp = s3.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403"):
-            raise JobInputError(f"cannot read s3://{bucket}/{key}: {code}") from exc
-        raise
-    return resp["Body"], int(resp.get("ContentLength") or 0)
-
-
-# ---------------------------------------------------------------------- compute
-@dataclass
-class ChunkResult:
-    predictions: list[Any]
-    tokens: int = 0
-    pixels: int = 0
-
-
-class Predictor:
-    """One model's inference for job rows: embeddings as float lists, image scores by label."""
-
-    def __init__(self, registry: ModelRegistry, model: str, variant: str | None = None) -> None:
-        try:
-            self.loaded = registry.get(model, variant)
-        except ModelNotFoundError as exc:
-            raise JobFailedError(str(exc)) from exc
-        self.manifest = self.loaded.manifest
-        self.provider = self.loaded.session.get_providers()[0]
-
-    def predict(self, values: list[Any]) -> ChunkResult:
-        try:
-            if self.loaded.embedder is not None:
-                result = self.loaded.embedder.embed(values)
-                return ChunkResult(rounded_vectors(result.vectors), tokens=result.total_tokens)
-            assert self.loaded.classifier is not None
-            clf = self.loaded.classifier
-            decoded = [clf.decode(v) for v in values]
-            scores = clf.score_arrays([clf.preprocess(img) for img in decoded])
-            labels = clf.labels or [str(i) for i in range(scores.shape[1])]
-            rounded = round_significant(scores, 7).tolist()
-            preds = [dict(zip(labels, row, strict=True)) for row in rounded]
-            return ChunkResult(preds, pixels=sum(img.width * img.height for img in decoded))
-        except InferenceError as exc:
-            raise JobInputError(str(exc)) from exc
-
-
-def rounded_vectors(vectors: np.ndarray) -> list[list[float]]:
-    # As the batch scorer writes them: 7 significant digits keep float32's precision at half the JSON.
-    rounded: list[list[float]] = round_significant(vectors, 7).tolist()
-    return rounded
-
-
-def iter_chunks(rows: Iterable[InputRow], size: int) -> Iterator[list[InputRow]]:
-    chunk: list[InputRow] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-# ---------------------------------------------------------------------- output
-class OutputWriter:
-    """predictions.jsonl into a temp file as rows come, uploaded with manifest.json at the end."""
-
-    def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed in upload()/close()
-        self.rows = 0
-
-    def write(self, ids: list[Any], predictions: list[Any]) -> None:
-        lines = [
-            json.dumps({"id": i, "prediction": p}, separators=(",", ":")) for i, p in zip(ids, predictions, strict=True)
-        ]
-        if lines:
-            self._file.write(("\n".join(lines) + "\n").encode("utf-8"))
-        self.rows += len(lines)
-
-    def upload(self, s3: Any, bucket: str, prefix: str, manifest: dict[str, Any]) -> None:
-        self._file.seek(0)
-        s3.upload_fileobj(
-            self._file, bucket, prefix + "predictions.jsonl", ExtraArgs={"ContentType": "application/x-ndjson"}
-        )
-        s3.put_object(Bucket=bucket, Key=prefix + "errors.jsonl", Body=b"", ContentType="application/x-ndjson")
-        s3.put_object(
-            Bucket=bucket,
-            Key=prefix + "manifest.json",
-            Body=json.dumps(manifest, indent=2).encode("utf-8"),
-            ContentType="application/json",
-        )
-        self.close()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-# ---------------------------------------------------------------------- callbacks
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The callback signature: hex HMAC-SHA256 of "{timestamp}.{body}" under the callback secret."""
-    digest = hmac.new(secret.encode("utf-8"), timestamp.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
-    return f"sha256={digest}"
-
-
-def verify_signature(secret: str, headers: dict[str, str], body: bytes, *, max_age_s: float = 300) -> bool:
-    """What a receiver does: recompute the signature and reject stale timestamps (replays)."""
-    lower = {k.lower(): v for k, v in headers.items()}
-    timestamp, signature = lower.get(TIMESTAMP_HEADER.lower(), ""), lower.get(SIGNATURE_HEADER.lower(), "")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > max_age_s:
-        return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
-
-
-HttpPost = Callable[[str, bytes, dict[str, str], float], int]
-
-
-def urllib_post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310 - http(s) checked
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
-@dataclass
-class CallbackPolicy:
-    attempts: int = 4
-    base_delay_s: float = 0.5
-    max_delay_s: float = 4.0
-    timeout_s: float = 5.0
-    # Off in AWS: a callback must not reach the function's own network (127.0.0.1, 169.254.x, the VPC).
-    allow_private_hosts: bool = False
-
-
-def callback_policy_for(settings: Settings) -> CallbackPolicy | None:
-    """Callbacks are signed, so they go out only with a configured secret (None: no callbacks); on the
-    local stack (settings.local) they may call back to 127.0.0.1."""
-    if settings.secret() is None:
-        return None
-    return CallbackPolicy(allow_private_hosts=settings.local)
-
-
-def public_host(url: str) -> bool:
-    """Whether every address the URL's host resolves to is a public one."""
-    host = urlsplit(url).hostname
-    if not host:
-        return False
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False
-    addresses = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
-    return bool(addresses) and all(a.is_global for a in addresses)
-
-
-def deliver_callback(
-    url: str,
-    payload: dict[str, Any],
-    secret: str,
-    *,
-    post: HttpPost = urllib_post,
-    policy: CallbackPolicy | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> bool:
-    """POST the payload, signed; retry network errors, 408, 429 and 5xx with exponential backoff.
-
-    Returns whether the receiver took it (2xx). Never raises: a callback cannot fail a job.
-    """
-    policy = policy or CallbackPolicy()
-    if not policy.allow_private_hosts and not public_host(url):
-        log.warning("callback to %s refused: its host is not a public address", url)
-        return False
-    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-    for attempt in range(1, policy.attempts + 1):
-        timestamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "sif-jobs/1",
-            TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: sign(secret, timestamp, body),
-            EVENT_HEADER: f"job.{payload.get('status', 'unknown')}",
-        }
-        try:
-            status = post(url, body, headers, policy.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - any transport error is a retry, never a job failure
-            log.warning("callback to %s failed (attempt %d/%d): %s", url, attempt, policy.attempts, exc)
-        else:
-            if 200 <= status < 300:
-                return True
-            retryable = status in (408, 429) or status >= 500
-            log.warning("callback to %s answered %d (attempt %d/%d)", url, status, attempt, policy.attempts)
-            if not retryable:
-                return False
-        if attempt < policy.attempts:
-            sleep(min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1)))
-    return False
-
-
-# ---------------------------------------------------------------------- the service
-@dataclass
-class JobServices:
-    """What running jobs needs; built once per process by the handler (or the GPU worker)."""
-
-    settings: Settings
-    s3: Any
-    store: WorkStore
-    ledger: UsageLedger
-    registry: ModelRegistry
-    sns: Any = None
-    batch: Any = None
-    post: HttpPost = urllib_post
-    callback_policy: CallbackPolicy | None = field(default_factory=CallbackPolicy)  # None: no callbacks
-    presign_ttl_s: int = 3600
-
-
-@dataclass
-class JobOutcome:
-    status: Literal["succeeded", "failed", "submitted", "skipped"]
-    route: Route
-    rows: int = 0
-    error: str | None = None
-    batch_job_id: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
 def describe_error(error: str | BaseException) -> str:
     """A readable one-paragraph error for a job record (pydantic's errors without their doc links)."""
     if isinstance(error, ValidationError):
         parts = [f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in error.errors()]
-        text = "invalid job message: " + "; ".join(parts)
-    else:
-        text = str(error) or type(error).__name__
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+        return short_error("invalid job message: " + "; ".join(parts))
+    return short_error(error)
 
 
-class JobRunner:
-    """Runs jobs and records their life; shared by the worker function and the GPU worker."""
-
-    def __init__(self, services: JobServices) -> None:
-        self.s = services
-
-    # ------------------------------------------------------------ records
-    def ensure_record(self, job: JobMessage, route: Route) -> WorkRecord:
-        """The job's record, created if a producer put the job straight on the queue."""
-        record = self.s.store.get(job.tenant, "job", job.id)
-        if record is not None:
-            return record
-        record = WorkRecord(
-            id=job.id,
-            kind="job",
-            tenant=job.tenant,
-            model=job.model,
-            route=route,
-            input_key=job.input.s3_uri,
-            callback_url=job.callback_url,
-            rows=len(job.input.instances or []),
-            details={"source": "queue"},
+def instances_jsonl(instances: list[Any]) -> bytes:
+    """Inline instances as the JSONL file they describe: `{"id": index, "text"}` or `{"id": index, "b64"}`."""
+    lines = []
+    for i, value in enumerate(instances):
+        row: dict[str, Any] = (
+            {"text": value} if isinstance(value, str) else dict(value) if isinstance(value, dict) else {}
         )
+        if not row:
+            row = {"value": value}  # neither a text nor an image: the row fails with the reason
+        lines.append(json.dumps({"id": i, **{k: v for k, v in row.items() if k != "id"}}, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def check_instances(manifest: ModelManifest, instances: list[Any]) -> None:
+    """What the API refuses at the door (422): too many, or instances of the wrong kind for the task."""
+    limit = manifest.limits.max_batch_rows
+    if len(instances) > limit:
+        raise JobInputError(f"instances: {len(instances)}; {manifest.name} takes at most {limit}")
+    text = manifest.task == "embedding"
+    for i, value in enumerate(instances):
+        if text and not (isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("text"), str))):
+            raise JobInputError(f'instances[{i}]: expected a string (or a row with "text")')
+        if not text and not (isinstance(value, dict) and isinstance(value.get("b64"), str)):
+            raise JobInputError(f'instances[{i}]: expected {{"b64": "..."}}')
+
+
+def check_input_uri(uri: str, tenant: str, *, inbox_bucket: str, results_bucket: str) -> tuple[str, str]:
+    """(bucket, key) of an s3_uri the tenant's job may read, or JobInputError saying why not."""
+    try:
+        bucket, key = keys.parse_s3_uri(uri)
+    except ValueError as exc:
+        raise JobInputError(str(exc)) from exc
+    why = keys.job_input_allowed(bucket, key, tenant, inbox_bucket=inbox_bucket, results_bucket=results_bucket)
+    if why is not None:
+        raise JobInputError(why)
+    return bucket, key
+
+
+class Jobs:
+    """Runs jobs (worker function and GPU worker) through the one lifecycle and file engine."""
+
+    def __init__(self, lifecycle: Lifecycle, runner: WorkRunner | None = None) -> None:
+        self.lc = lifecycle
+        self.s = lifecycle.s
+        self.runner = runner or WorkRunner(lifecycle)
+
+    # ------------------------------------------------------------ records and inputs
+    def record(self, job: JobMessage | GpuJobSpec, route: Route) -> WorkRecord:
+        """The job's record, created if a producer put the job straight on the queue."""
+        if isinstance(job, JobMessage):
+            uri, rows = job.input.s3_uri, len(job.input.instances or [])
+        else:
+            uri, rows = job.input_uri, len(job.instances or [])
+        return self.lc.ensure(
+            WorkRecord(
+                id=job.id,
+                kind="job",
+                tenant=job.tenant,
+                model=job.model,
+                route=route,
+                input_key=uri,
+                callback_url=job.callback_url,
+                rows=rows,
+                details={"source": "queue"},
+            )
+        )
+
+    def source(
+        self, tenant: str, instances: list[Any] | None, uri: str | None
+    ) -> tuple[ByteSource, Format, dict[str, Any]]:
+        if instances is not None:
+            return BytesSource(instances_jsonl(instances)), "jsonl", {"instances": len(instances)}
+        assert uri is not None
+        bucket, key = check_input_uri(
+            uri, tenant, inbox_bucket=self.s.settings.inbox_bucket, results_bucket=self.s.settings.results_bucket
+        )
+        fmt = detect_format(key)
+        if fmt is None:
+            raise JobInputError(f"{key}: unknown format (use .jsonl or .csv, optionally .gz)")
         try:
-            return self.s.store.create(record)
+            head = self.s.s3.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise
-            existing = self.s.store.get(job.tenant, "job", job.id)
-            assert existing is not None
-            return existing
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403"):
+                raise JobInputError(f"cannot read {uri}: {code}") from exc
+            raise
+        etag, size = str(head["ETag"]).strip('"'), int(head.get("ContentLength") or 0)
+        describe = {"bucket": bucket, "key": key, "etag": etag, "size": size, "format": fmt}
+        return S3Object(self.s.s3, bucket, key, etag, size), fmt, describe
 
-    def route_for(self, job: JobMessage) -> Route:
-        if job.route is not None:
-            return job.route
-        try:
-            manifest = self.s.registry.manifest(job.model)
-        except ModelNotFoundError as exc:
-            raise JobFailedError(str(exc)) from exc
-        items = len(job.input.instances) if job.input.instances is not None else manifest.limits.max_batch_rows
-        if job.input.s3_uri is not None and job.accelerator == "auto":
-            items = self._estimate_rows(job.input.s3_uri)
-        return choose_route(manifest, items, job.accelerator)
+    def work(self, job: JobMessage | GpuJobSpec, record: WorkRecord) -> Work:
+        if isinstance(job, JobMessage):
+            source, fmt, describe = self.source(job.tenant, job.input.instances, job.input.s3_uri)
+            on_error: OnError = job.on_error
+        else:
+            source, fmt, describe = self.source(job.tenant, job.instances, job.input_uri)
+            on_error = job.on_error
+        return Work(
+            record=record,
+            source=source,
+            fmt=fmt,
+            output_prefix=keys.job_results_prefix(job.tenant, job.model, job.id),
+            metering_id=f"job#{job.id}",
+            variant=job.variant,
+            on_error=on_error,
+            describe=describe,
+        )
 
-    def _estimate_rows(self, uri: str) -> int:
-        """A cheap row estimate for routing: object size / 100 bytes a row (unknown size: one row)."""
-        try:
-            bucket, key = parse_s3_uri(uri)
-            size = int(self.s.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except (ValueError, ClientError):
-            return 1  # unreadable: the CPU path fails it with the reason
-        return max(1, size // (30 if key.endswith(".gz") else 100))
+    def route_for(self, job: JobMessage, manifest: ModelManifest, rows: int) -> Route:
+        return job.route or choose_route(manifest, rows, job.accelerator)
 
     # ------------------------------------------------------------ the one entry point
-    def handle(self, job: JobMessage, deadline: Deadline | None = None) -> JobOutcome:
-        """Run (cpu) or submit (gpu) one job; JobFailedError marks it failed, other errors propagate.
+    def handle(self, job: JobMessage, deadline: Deadline | None = None) -> Outcome:
+        """Run (cpu) or submit (gpu) one job; WorkFailedError marks it failed, other errors propagate.
 
-        A cpu job still running when `deadline` (the invocation's time left) nears is handed to the
-        GPU queue rather than killed by the Lambda timeout: the router's estimate was off.
+        A cpu job still running when `deadline` nears is handed to the GPU queue, which resumes it
+        from its checkpoint, rather than killed by the Lambda timeout: the router's estimate was off.
         """
+        record = self.record(job, job.route or "cpu")
+        if record.status in TERMINAL:
+            if record.status == "cancelled":
+                self.lc.release(record, job.metering_id)
+            log.info("job %s already %s; nothing to do", job.id, record.status)
+            return Outcome("skipped", job.id, record.route, reason=f"already {record.status}")
         try:
-            route = self.route_for(job)
-        except JobFailedError as exc:
-            self.ensure_record(job, "cpu")
-            self.fail(job.tenant, job.id, describe_error(exc), job=job)
-            return JobOutcome("failed", "cpu", error=describe_error(exc))
-        record = self.ensure_record(job, route)
-        if record.status == "succeeded":
-            log.info("job %s already succeeded; nothing to do", job.id)
-            return JobOutcome("skipped", record.route)
+            manifest = self.s.models.manifest(job.model)
+            work = self.work(job, record)
+            rows = len(job.input.instances) if job.input.instances is not None else estimate_rows(work.source, work.fmt)
+        except ModelNotFoundError as exc:
+            return self._fail(job, record, exc, "unknown_model")
+        except WorkFailedError as exc:
+            return self._fail(job, record, exc, exc.reason or "bad_input")
+        if "reserved" not in record.details:  # a job put straight on the queue: reserved here, not by the API
+            try:
+                self.lc.reserve(record, rows, job.metering_id)
+            except QuotaExceededError as exc:
+                return self._fail(job, record, f"{QUOTA_EXCEEDED}: {exc}", QUOTA_EXCEEDED)
+            record.details.update(reserved=rows)
+            self.lc.update(record, details=record.details)
+        route = self.route_for(job, manifest, rows)
         if route == "gpu":
             return self.submit_gpu(job, record)
         try:
-            return self.run_cpu(job, record, deadline or Deadline.never())
+            return self.runner.score(work, 0, deadline or Deadline.never(), route="cpu")
+        except SourceChangedError as exc:
+            return self._fail(job, record, f"the input changed while it was read: {exc}", "input_changed")
         except DeadlineReached as exc:
             log.warning("job %s: %s; handing it to the GPU queue", job.id, exc)
-            details = {**record.details, "handed_off": str(exc)}
-            self.s.store.update(job.tenant, "job", job.id, status="queued", progress=0.0, details=details)
-            return self.submit_gpu(job, record.model_copy(update={"details": details}))
+            record.details.update(handed_off=str(exc))
+            self.s.store.update(job.tenant, "job", job.id, status="queued", details=record.details)
+            return self.submit_gpu(job, record)
 
-    def submit_gpu(self, job: JobMessage, record: WorkRecord) -> JobOutcome:
+    def _fail(self, job: JobMessage, record: WorkRecord, error: str | BaseException, reason: str) -> Outcome:
+        self.lc.fail(record, describe_error(error), reason=reason, metering_id=job.metering_id)
+        return Outcome("failed", job.id, record.route, reason=describe_error(error))
+
+    def submit_gpu(self, job: JobMessage, record: WorkRecord) -> Outcome:
         existing = record.details.get("batch_job_id")
         if existing:
-            return JobOutcome("submitted", "gpu", batch_job_id=str(existing))
+            return Outcome("submitted", job.id, "gpu", reason=f"already Batch job {existing}")
         spec = GpuJobSpec(
             kind="job",
             id=job.id,
@@ -596,156 +282,28 @@ class JobRunner:
             variant=job.variant,
             instances=job.input.instances,
             input_uri=job.input.s3_uri,
-            output_prefix=output_prefix(job.tenant, job.model, job.id),
+            output_prefix=keys.job_results_prefix(job.tenant, job.model, job.id),
             callback_url=job.callback_url,
+            on_error=job.on_error,
             request_id=job.metering_id,
         )
         batch_job_id = submit_gpu_job(self.s.batch, self.s.s3, self.s.settings, spec)
-        self.s.store.update(
-            job.tenant,
-            "job",
-            job.id,
-            route="gpu",
-            details={**record.details, "batch_job_id": batch_job_id},
-        )
+        record.details.update(batch_job_id=batch_job_id)
+        self.lc.update(record, route="gpu", details=record.details)
         log.info("job %s submitted to the GPU queue as Batch job %s", job.id, batch_job_id)
-        return JobOutcome("submitted", "gpu", batch_job_id=batch_job_id)
+        return Outcome("submitted", job.id, "gpu", reason=f"Batch job {batch_job_id}")
 
-    def rows_of(self, job: JobMessage | GpuJobSpec, manifest: ModelManifest) -> Iterator[InputRow]:
-        instances = job.instances if isinstance(job, GpuJobSpec) else job.input.instances
-        uri = job.input_uri if isinstance(job, GpuJobSpec) else job.input.s3_uri
-        if instances is not None:
-            yield from instance_rows(manifest, instances)
-            return
-        assert uri is not None
-        bucket, key = check_input_uri(uri, job.tenant, self.s.settings)
-        stream, size = open_input(self.s.s3, bucket, key)
-        with stream:
-            yield from iter_file_rows(manifest, stream, key, size)
-
-    def run_cpu(self, job: JobMessage, record: WorkRecord, deadline: Deadline) -> JobOutcome:
-        started = time.monotonic()
-        self.mark_running(job.tenant, job.id, route="cpu", runs=int(record.details.get("runs", 0)) + 1)
+    def run_gpu(self, spec: GpuJobSpec) -> Outcome:
+        """A job the router (or a worker near its deadline) sent to AWS Batch: resumed from its checkpoint."""
+        record = self.record(spec, "gpu")
+        if record.status in TERMINAL:
+            return Outcome("skipped", spec.id, "gpu", reason=f"already {record.status}")
         try:
-            predictor = Predictor(self.s.registry, job.model, job.variant)
-            total = len(job.input.instances) if job.input.instances is not None else 0
-            writer = OutputWriter()
-            tokens = pixels = 0
-            last_progress = time.monotonic()
-            try:
-                chunk_ms = 0.0
-                for chunk in iter_chunks(self.rows_of(job, predictor.manifest), CHUNK_ITEMS):
-                    # One chunk always runs, so the small jobs after a long one in the batch still do.
-                    if writer.rows and deadline.expired(next_step_ms=chunk_ms):
-                        raise DeadlineReached(f"the worker function's time ran out after {writer.rows} rows")
-                    chunk_started = time.monotonic()
-                    result = predictor.predict([r.value for r in chunk])
-                    chunk_ms = (time.monotonic() - chunk_started) * 1000
-                    writer.write([r.id for r in chunk], result.predictions)
-                    tokens += result.tokens
-                    pixels += result.pixels
-                    if total and time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-                        self.progress(job.tenant, job.id, writer.rows / total)
-                        last_progress = time.monotonic()
-                compute_ms = int((time.monotonic() - started) * 1000)
-                prefix = output_prefix(job.tenant, job.model, job.id)
-                writer.upload(
-                    self.s.s3,
-                    self.s.settings.results_bucket,
-                    prefix,
-                    self.output_manifest(job.id, predictor, writer.rows, compute_ms, route="cpu"),
-                )
-            finally:
-                writer.close()
-        except JobFailedError as exc:
-            self.fail(job.tenant, job.id, describe_error(exc), job=job)
-            return JobOutcome("failed", "cpu", error=describe_error(exc))
-        usage = Usage(
-            tenant=job.tenant,
-            model=job.model,
-            request_id=job.metering_id,
-            inputs=writer.rows,
-            tokens=tokens,
-            pixels=pixels,
-            compute_ms=compute_ms,
-        )
-        self.succeed(job.tenant, job.id, prefix, writer.rows, usage, callback_url=job.callback_url, model=job.model)
-        return JobOutcome("succeeded", "cpu", rows=writer.rows)
-
-    # ------------------------------------------------------------ status transitions
-    def mark_running(self, tenant: str, job_id: str, *, route: Route, **details: Any) -> None:
-        fields: dict[str, Any] = {"status": "running", "route": route, "progress": 0.0, "error": None}
-        if details:
-            record = self.s.store.get(tenant, "job", job_id)
-            fields["details"] = {**(record.details if record else {}), **details}
-        self.s.store.update(tenant, "job", job_id, started_at=time.time(), **fields)
-
-    def progress(self, tenant: str, job_id: str, fraction: float) -> None:
-        self.s.store.update(tenant, "job", job_id, only_if_not_terminal=True, progress=round(min(fraction, 0.99), 4))
-
-    def output_manifest(
-        self, job_id: str, predictor: Predictor, rows: int, compute_ms: int, *, route: Route
-    ) -> dict[str, Any]:
-        m = predictor.manifest
-        return {
-            "id": job_id,
-            "model": m.name,
-            "model_version": m.version,
-            "variant": predictor.loaded.variant,
-            "sha256": m.files[m.variant_file(predictor.loaded.variant)].sha256
-            if m.variant_file(predictor.loaded.variant) in m.files
-            else None,
-            "route": route,
-            "provider": predictor.provider,
-            "rows": rows,
-            "succeeded": rows,
-            "failed": 0,
-            "compute_ms": compute_ms,
-            "files": list(OUTPUT_FILES),
-        }
-
-    def succeed(
-        self,
-        tenant: str,
-        job_id: str,
-        prefix: str,
-        rows: int,
-        usage: Usage,
-        *,
-        callback_url: str | None,
-        model: str,
-    ) -> None:
-        # Meter first: a crash after this re-runs the job, and the ledger keeps the first bill only.
-        self.s.ledger.record(usage)
-        self.s.store.update(
-            tenant,
-            "job",
-            job_id,
-            status="succeeded",
-            progress=1.0,
-            output_prefix=prefix,
-            rows=rows,
-            succeeded=rows,
-            failed=0,
-            finished_at=time.time(),
-        )
-        self.announce(tenant, job_id, "succeeded", model=model, prefix=prefix, rows=rows, callback_url=callback_url)
-
-    def fail(self, tenant: str, job_id: str, error: str, *, job: JobMessage | None = None) -> None:
-        record = self.s.store.get(tenant, "job", job_id)
-        if record is None or record.status == "succeeded":
-            return  # never overwrite a success (a late duplicate failing must not undo it)
-        self.s.store.update(
-            tenant, "job", job_id, status="failed", error=describe_error(error), finished_at=time.time()
-        )
-        self.announce(
-            tenant,
-            job_id,
-            "failed",
-            model=record.model,
-            error=describe_error(error),
-            callback_url=job.callback_url if job else record.callback_url,
-        )
+            work = self.work(spec, record)
+            return self.runner.score(work, 0, Deadline.never(), route="gpu")
+        except WorkFailedError as exc:
+            self.lc.fail(record, describe_error(exc), reason=exc.reason or "bad_input", metering_id=f"job#{spec.id}")
+            return Outcome("failed", spec.id, "gpu", reason=describe_error(exc))
 
     def give_up(self, body: str, error: BaseException | str, attempts: int) -> None:
         """The message's last receive failed: mark the job failed before SQS moves it to the DLQ."""
@@ -756,192 +314,18 @@ class JobRunner:
             )
             return
         job_id, tenant = identity
-        message = f"gave up after {attempts} attempts: {describe_error(error)}"
         try:
-            job = JobMessage.model_validate_json(body)
+            job: JobMessage | None = JobMessage.model_validate_json(body)
         except ValidationError:
             job = None
-            if self.s.store.get(tenant, "job", job_id) is None:
-                self._create_failed_record(job_id, tenant, body)
-        self.fail(tenant, job_id, message, job=job)
-
-    def _create_failed_record(self, job_id: str, tenant: str, body: str) -> None:
-        data = json.loads(body)
-        model = data.get("model") if isinstance(data.get("model"), str) else "unknown"
-        record = WorkRecord(id=job_id, kind="job", tenant=tenant, model=model, details={"source": "queue"})
-        try:
-            self.s.store.create(record)
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise
-
-    # ------------------------------------------------------------ notifications
-    def result_url(self, prefix: str) -> str:
-        return presign_get(
-            self.s.s3, self.s.settings.results_bucket, prefix + "predictions.jsonl", self.s.presign_ttl_s
-        )
-
-    def announce(
-        self,
-        tenant: str,
-        job_id: str,
-        status: str,
-        *,
-        model: str,
-        prefix: str | None = None,
-        rows: int | None = None,
-        error: str | None = None,
-        callback_url: str | None = None,
-    ) -> None:
-        event: dict[str, Any] = {
-            "type": f"job.{status}",
-            "id": job_id,
-            "tenant": tenant,
-            "model": model,
-            "status": status,
-        }
-        if prefix is not None:
-            event["output"] = f"s3://{self.s.settings.results_bucket}/{prefix}"
-            event["rows"] = rows
-        if error is not None:
-            event["error"] = error
-        if self.s.sns is not None and self.s.settings.job_topic_arn:
-            try:
-                self.s.sns.publish(
-                    TopicArn=self.s.settings.job_topic_arn,
-                    Message=json.dumps(event),
-                    MessageAttributes={
-                        "tenant": {"DataType": "String", "StringValue": tenant},
-                        "status": {"DataType": "String", "StringValue": status},
-                        "kind": {"DataType": "String", "StringValue": "job"},
-                    },
-                )
-            except ClientError as exc:  # an announcement must not undo a finished job
-                log.warning("could not publish job %s %s to SNS: %s", job_id, status, exc)
-        if callback_url and self.s.callback_policy is None:
-            log.error("job %s has a callback_url but no CallbackSigningSecret is configured: not called back", job_id)
-        elif callback_url:
-            payload: dict[str, Any] = {"id": job_id, "status": status, "model": model}
-            if prefix is not None:
-                payload["output_url"] = self.result_url(prefix)
-                payload["rows"] = rows
-            if error is not None:
-                payload["error"] = error
-            delivered = deliver_callback(
-                callback_url, payload, self.s.settings.secret() or "", post=self.s.post, policy=self.s.callback_policy
+        if job is not None:
+            record = self.record(job, job.route or "cpu")
+        else:
+            data = json.loads(body)
+            model = data.get("model") if isinstance(data.get("model"), str) else "unknown"
+            record = self.lc.ensure(
+                WorkRecord(id=job_id, kind="job", tenant=tenant, model=model, details={"source": "queue"})
             )
-            self.s.store.update(tenant, "job", job_id, callback_delivered=delivered)
-
-
-def services_from_settings(settings: Settings, **overrides: Any) -> JobServices:
-    """The services built from the environment's settings (once per process, at cold start)."""
-    from sif_core.aws import client, table
-    from sif_core.model_store import registry_from_settings
-
-    values: dict[str, Any] = {
-        "settings": settings,
-        "s3": client("s3"),
-        "store": WorkStore(table(settings.work_table)),
-        "ledger": UsageLedger(client("dynamodb"), settings.usage_table),
-        "sns": client("sns"),
-        "batch": client("batch"),
-        "presign_ttl_s": settings.presign_ttl_s,
-    }
-    values.update(overrides)
-    if "registry" not in values:
-        values["registry"] = registry_from_settings(settings)
-    return JobServices(**values)
-
-
-# ---------------------------------------------------------------------- dead letters
-def max_receive_count(sqs: Any, queue_url: str, default: int = 5) -> int:
-    """The queue's RedrivePolicy maxReceiveCount: the receive after which SQS dead-letters a message."""
-    try:
-        attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])["Attributes"]
-        return int(json.loads(attrs["RedrivePolicy"])["maxReceiveCount"])
-    except (ClientError, KeyError, ValueError, TypeError) as exc:
-        log.warning("cannot read the redrive policy of %s (%s); assuming maxReceiveCount=%d", queue_url, exc, default)
-        return default
-
-
-def redrive(sqs: Any, dlq_url: str, queue_url: str, *, limit: int | None = None, wait_s: int = 1) -> int:
-    """Move messages from the dead-letter queue back to the source queue (body and attributes kept).
-
-    Each message is sent before it is deleted from the DLQ, so a crash duplicates rather than loses
-    one (the worker is idempotent on the job id). Returns how many were moved.
-    """
-    moved = 0
-    while limit is None or moved < limit:
-        batch = 10 if limit is None else max(1, min(10, limit - moved))
-        resp = sqs.receive_message(
-            QueueUrl=dlq_url,
-            MaxNumberOfMessages=batch,
-            WaitTimeSeconds=wait_s,
-            MessageAttributeNames=["All"],
-            VisibilityTimeout=60,
-        )
-        messages = resp.get("Messages", [])
-        if not messages:
-            break
-        for msg in messages:
-            kwargs: dict[str, Any] = {"QueueUrl": queue_url, "MessageBody": msg["Body"]}
-            if msg.get("MessageAttributes"):
-                kwargs["MessageAttributes"] = msg["MessageAttributes"]
-            sqs.send_message(**kwargs)
-            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=msg["ReceiptHandle"])
-            moved += 1
-    return moved
-
-
-# ---------------------------------------------------------------------- Batch state changes
-class BatchJobDetail(BaseModel):
-    """The part of a "Batch Job State Change" event's detail that names our work."""
-
-    jobId: str
-    jobName: str = ""
-    jobQueue: str = ""
-    status: str
-    statusReason: str = ""
-    parameters: dict[str, str] = Field(default_factory=dict)
-
-
-class BatchJobStateChange(EventBridgeModel):
-    detail: BatchJobDetail
-
-
-_SPEC_KEY = re.compile(
-    rf"^results/(?P<tenant>[A-Za-z0-9_-]+)/{SPECS_DIR}/(?P<kind>job|batch)-(?P<id>[A-Za-z0-9_-]+)\.json$"
-)
-
-
-def work_from_spec_uri(uri: str) -> tuple[str, Literal["job", "batch"], str] | None:
-    """(tenant, kind, id) from a spec URI that `submit_gpu_job` wrote, without reading it."""
-    try:
-        _, key = parse_s3_uri(uri)
-    except ValueError:
-        return None
-    m = _SPEC_KEY.match(key)
-    if m is None:
-        return None
-    kind: Literal["job", "batch"] = "job" if m["kind"] == "job" else "batch"
-    return m["tenant"], kind, m["id"]
-
-
-def fail_from_batch_event(runner: JobRunner, event: BatchJobStateChange) -> dict[str, Any]:
-    """A GPU job that ended FAILED in Batch: its job/batch record becomes failed (if not finished)."""
-    detail = event.detail
-    if detail.status != "FAILED":
-        return {"action": "ignored", "status": detail.status}
-    work = work_from_spec_uri(detail.parameters.get(SPEC_PARAMETER, ""))
-    if work is None:
-        return {"action": "ignored", "reason": "no sif spec parameter"}
-    tenant, kind, work_id = work
-    error = f"the GPU job failed in AWS Batch ({detail.statusReason or 'no reason given'}; Batch job {detail.jobId})"
-    if kind == "job":
-        record = runner.s.store.get(tenant, "job", work_id)
-        if record is None or record.status in TERMINAL:
-            return {"action": "unchanged", "id": work_id, "status": record.status if record else None}
-        runner.fail(tenant, work_id, error)
-    elif not runner.s.store.update(tenant, "batch", work_id, only_if_not_terminal=True, status="failed", error=error):
-        return {"action": "unchanged", "id": work_id}
-    return {"action": "marked_failed", "kind": kind, "id": work_id}
+        if record.status in TERMINAL:
+            return
+        self.lc.fail(record, f"gave up after {attempts} attempts: {describe_error(error)}", metering_id=f"job#{job_id}")

@@ -16,14 +16,18 @@ container command stays `python -m sif_gpu_worker.entrypoint --spec Ref::spec`.
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import re
 import time
+import zlib
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
+from sif_core import keys
+from sif_core.rows import ByteSource, FileFormatError, Format
 from sif_core.settings import Settings
 from sif_inference.manifest import ModelManifest
 
@@ -32,7 +36,8 @@ Accelerator = Literal["auto", "cpu", "gpu"]
 ACCELERATORS: tuple[str, ...] = ("auto", "cpu", "gpu")
 
 SPEC_PARAMETER = "spec"
-SPECS_DIR = "_specs"
+SPECS_DIR = keys.SPECS_DIR
+COUNT_BYTES = 4 << 20  # the row estimator reads at most this much of a file (raw bytes)
 _BATCH_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -70,6 +75,45 @@ def choose_route(
     return "cpu"
 
 
+def estimate_rows(source: ByteSource, fmt: Format | None, *, budget_bytes: int = COUNT_BYTES) -> int:
+    """Rows in a file, for routing and the quota reservation: counted when its head (`budget_bytes`
+    raw) is all of it, else scaled up from the head. The one estimator of every way in (API, worker,
+    scorer); the exact count settles the bill at the end."""
+    size = source.size or 0
+    if size == 0 or fmt is None:
+        return 0
+    with source.open(0) as raw:
+        counting = _CountingRead(raw)
+        stream: Any = counting
+        if fmt.endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=counting, mode="rb")  # type: ignore[call-overload]
+        lines, last, eof = 0, b"\n", False
+        try:
+            while not eof:
+                chunk = stream.read(1 << 20)
+                eof = not chunk
+                lines += chunk.count(b"\n")
+                last = chunk[-1:] or last
+                if counting.count >= budget_bytes:
+                    break
+        except (OSError, EOFError, zlib.error) as exc:
+            raise FileFormatError(f"not a valid gzip file: {exc}") from exc
+    lines += 0 if last == b"\n" else 1
+    rows = lines if eof else math.ceil(lines * size / max(1, counting.count))
+    return max(0, rows - 1) if fmt.startswith("csv") else rows  # less the header
+
+
+class _CountingRead:
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+
 # ---------------------------------------------------------------------- the GPU job spec
 class GpuJobSpec(BaseModel):
     """What a GPU worker container is asked to do; written to S3, its URI passed to Batch.
@@ -90,6 +134,7 @@ class GpuJobSpec(BaseModel):
     input_format: str | None = None
     output_prefix: str
     callback_url: str | None = None
+    on_error: Literal["continue", "fail"] = "continue"
     request_id: str | None = None  # the metering key; defaults to "{kind}#{id}"
     submitted_at: float = Field(default_factory=time.time)
     details: dict[str, Any] = Field(default_factory=dict)
@@ -101,15 +146,11 @@ class GpuJobSpec(BaseModel):
 
 def spec_key(spec: GpuJobSpec) -> str:
     """Where the spec lives in the results bucket: under the tenant's prefix, beside nothing tenants fetch."""
-    return f"results/{spec.tenant}/{SPECS_DIR}/{spec.kind}-{spec.id}.json"
+    return keys.spec_key(spec.kind, spec.tenant, spec.id)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """s3://bucket/key -> (bucket, key)."""
-    parts = urlsplit(uri)
-    if parts.scheme != "s3" or not parts.netloc or not parts.path.lstrip("/"):
-        raise ValueError(f"not an s3://bucket/key URI: {uri!r}")
-    return parts.netloc, parts.path.lstrip("/")
+    return keys.parse_s3_uri(uri)
 
 
 def batch_job_name(spec: GpuJobSpec) -> str:

@@ -15,8 +15,6 @@ gzip files are decompressed from the start and the consumed prefix skipped.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import gzip
 import json
@@ -24,6 +22,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Literal, Protocol
+
+from sif_inference.b64 import decode_b64  # the one base64 decoder; re-exported for jobs
 
 Format = Literal["jsonl", "csv", "jsonl.gz", "csv.gz"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv", "jsonl.gz", "csv.gz")
@@ -476,20 +476,6 @@ def open_rows(
 ) -> RowReader:
     """Rows of `source` read as `fmt`, from `start` (a previous reader's `position`) on."""
     return RowReader(source, fmt, field, start, max_row_bytes=max_row_bytes)
-
-
-def decode_b64(value: str) -> bytes:
-    """An image row's base64 (standard or URL-safe, padding optional) -> bytes; ValueError if it is not."""
-    cleaned = "".join(value.split())
-    if cleaned.startswith("data:") and "," in cleaned:  # a data: URL
-        cleaned = cleaned.split(",", 1)[1]
-    cleaned += "=" * (-len(cleaned) % 4)
-    try:
-        if "-" in cleaned or "_" in cleaned:
-            return base64.urlsafe_b64decode(cleaned)
-        return base64.b64decode(cleaned, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"field 'b64' is not valid base64: {exc}") from exc
 
 
 __all__ = [

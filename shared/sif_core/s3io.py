@@ -19,22 +19,16 @@ from typing import IO, Any
 
 from botocore.exceptions import ClientError
 
-from sif_core.scoring import OUTPUT_FILES, Checkpoint, Stream
+from sif_core.keys import OUTPUT_FILES
+from sif_core.scoring import Checkpoint, Stream
 
 MIN_PART_BYTES = 5 << 20  # S3's floor for every part but the last
-CHECKPOINT_NAME = "_state/checkpoint.json.gz"
 UPLOAD_META_KEY = "sif-upload"
 CONTENT_TYPES = {"predictions": "application/x-ndjson", "errors": "application/x-ndjson"}
 
 
 class SourceChangedError(Exception):
     """The object is gone, or no longer the version (ETag) the event was about."""
-
-
-def presign_get(s3: Any, bucket: str, key: str, ttl_s: int) -> str:
-    """An expiring GET for one object (the S3 client signs SigV4: see sif_core.aws)."""
-    url: str = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s)
-    return url
 
 
 def _code(exc: ClientError) -> str:

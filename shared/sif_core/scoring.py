@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,14 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import numpy as np
-
-from sif_core.rows import BadRow, ByteSource, Format, Item, Position, Row, decode_b64, open_rows
-from sif_inference.embedder import TextEmbedder
-from sif_inference.errors import InferenceError
-from sif_inference.images import ImageClassifier
+from sif_core.rows import BadRow, ByteSource, Format, Item, Position, Row, open_rows
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import ModelRegistry
+
+# format_vectors and round_significant live in the inference core now; jobs and the benchmarks import them from here.
+from sif_inference.rounding import compact_json, format_vectors, round_significant  # noqa: F401
+from sif_inference.tasks import Task
 
 Stream = Literal["predictions", "errors"]
 STREAMS: tuple[Stream, ...] = ("predictions", "errors")
@@ -46,40 +44,7 @@ OUTPUT_FILES: dict[str, str] = {
     "manifest": "manifest.json",
 }
 CHECKPOINT_VERSION = 1
-
-
-# ---------------------------------------------------------------------- numbers out
-def round_significant(values: np.ndarray, digits: int = 7) -> np.ndarray:
-    """Round to `digits` significant digits, as float64 values whose shortest repr is that short.
-
-    k / 10**e with both exact is the double nearest to the decimal k x 10**-e, so `repr` (and
-    json) print at most `digits` digits: ~4.8 KB per 384-d vector instead of ~8.4 KB.
-    """
-    a = np.asarray(values, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        magnitude = np.floor(np.log10(np.abs(a)))
-    magnitude[~np.isfinite(magnitude)] = 0
-    decimals = digits - 1 - magnitude
-    out = np.empty_like(a)
-    up = decimals >= 0
-    scale = np.power(10.0, decimals[up])
-    out[up] = np.round(a[up] * scale) / scale
-    down = np.power(10.0, -decimals[~up])
-    out[~up] = np.round(a[~up] / down) * down
-    return out
-
-
-def format_vectors(vectors: np.ndarray, digits: int = 7) -> list[str]:
-    """Each row as a JSON array of floats with `digits` significant digits ("0.006385671", "-1.2e-05").
-
-    Measured (sif_local.bench_batch): ~100 us per 384-d row, ~4.4 KB; json.dumps of the raw
-    float32-as-float64 values is ~2x slower and ~8.4 KB (17 digits of noise per float).
-    """
-    spec = f".{digits}g"
-    return ["[" + ",".join([format(x, spec) for x in row]) + "]" for row in vectors.tolist()]
-
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_dumps = compact_json
 
 
 # ---------------------------------------------------------------------- models
@@ -105,131 +70,33 @@ class FileModel(Protocol):
     def score(self, rows: list[Row]) -> WindowScores: ...
 
 
-class TextFileModel:
-    """Embeddings: 384 floats per row, rounded to `digits` significant digits.
+class TaskFileModel:
+    """A task (sif_inference.tasks) as the scorer's FileModel: a bad row fails only itself.
 
-    Memory stays bounded whatever the texts: a text far longer than the model reads is cut at a
-    whitespace once its head surely holds more words than the model keeps tokens (the tokenizer
-    would otherwise build every token of it, overflow included, before truncating), a window is
-    embedded in calls of at most `embed_chars` characters, and in micro-batches of at most
-    `max_batch_tokens` padded tokens: onnxruntime's peak memory follows that (for 256-token rows
-    ~170 MB at 2048, ~560 MB at 8192, at the same speed).
-    """
+    Decoding, limits, clipping, batch sizes and each prediction's JSON text are the task's, so a
+    file row gives the same line as the same input through the API or a job."""
 
-    field: Literal["text", "b64"] = "text"
-
-    def __init__(
-        self,
-        embedder: TextEmbedder,
-        variant: str,
-        *,
-        window_rows: int = 1024,
-        digits: int = 7,
-        embed_chars: int = 256 * 1024,
-        max_batch_tokens: int = 2048,
-    ) -> None:
-        self.embedder = embedder
-        self.manifest = embedder.manifest
-        self.variant = variant
-        self.window_rows = window_rows
-        self.digits = digits
-        self.embed_chars = embed_chars
-        self.max_batch_tokens = max_batch_tokens
-        self.max_chars = self.manifest.limits.max_text_chars
-        self.max_tokens = embedder.tokenizer.max_length
-        self.cut_chars = 32 * self.max_tokens
-
-    def clip(self, text: str) -> str:
-        """`text`, or a head of it that tokenizes to the same first max_length tokens."""
-        if len(text) <= self.cut_chars:
-            return text
-        cut = max(text.rfind(" ", 0, self.cut_chars), text.rfind("\n", 0, self.cut_chars))
-        # Every whitespace-separated word is at least one token (punctuation only adds more), and a
-        # cut at whitespace leaves the tokens before it as they were: with twice max_length words
-        # in the head, the first max_length tokens of head and text are the same.
-        if cut > 0 and len(_WORDS.findall(text, 0, cut)) >= 2 * self.max_tokens:
-            return text[:cut]
-        return text
+    def __init__(self, task: Task, *, window_rows: int | None = None) -> None:
+        self.task = task
+        self.manifest = task.manifest
+        self.variant = task.variant
+        self.field: Literal["text", "b64"] = task.field
+        self.window_rows = window_rows or task.profile.window_rows
 
     def score(self, rows: list[Row]) -> WindowScores:
-        out = WindowScores()
-        good: list[int] = []
-        texts: list[str] = []
-        for pos, row in enumerate(rows):
-            if self.max_chars is not None and len(row.value) > self.max_chars:
-                out.errors[pos] = f"text has {len(row.value)} characters; the limit is {self.max_chars}"
-            else:
-                good.append(pos)
-                texts.append(self.clip(row.value))
-        start = 0
-        while start < len(texts):
-            end, size = start, 0
-            while end < len(texts) and (end == start or size + len(texts[end]) <= self.embed_chars):
-                size += len(texts[end])
-                end += 1
-            result = self.embedder.embed(texts[start:end], max_tokens=self.max_batch_tokens)
-            vectors = format_vectors(result.vectors, self.digits)
-            for k, pos in enumerate(good[start:end]):
-                out.predictions[pos] = vectors[k]
-            out.tokens += result.total_tokens
-            out.truncated += sum(result.truncated)
-            start = end
-        return out
-
-
-_WORDS = re.compile(r"\S+")
-
-
-class ImageFileModel:
-    """Image classification: {label: probability} per row; undecodable images fail their row."""
-
-    field: Literal["text", "b64"] = "b64"
-
-    def __init__(self, classifier: ImageClassifier, variant: str, *, window_rows: int = 32, digits: int = 7) -> None:
-        self.classifier = classifier
-        self.manifest = classifier.manifest
-        self.variant = variant
-        self.window_rows = window_rows
-        self.digits = digits
-
-    def score(self, rows: list[Row]) -> WindowScores:
-        out = WindowScores()
-        arrays: list[np.ndarray] = []
-        good: list[int] = []
-        for pos, row in enumerate(rows):
-            try:
-                data = decode_b64(row.value)
-            except ValueError as exc:
-                out.errors[pos] = str(exc)
-                continue
-            try:
-                img = self.classifier.decode(data)
-                arrays.append(self.classifier.preprocess(img))
-            except InferenceError as exc:
-                out.errors[pos] = f"undecodable image: {exc}"
-                continue
-            out.pixels += img.width * img.height
-            good.append(pos)
-        if good:
-            scores = round_significant(self.classifier.score_arrays(arrays), self.digits).tolist()
-            labels = self.classifier.labels
-            for k, pos in enumerate(good):
-                out.predictions[pos] = _dumps(dict(zip(labels, scores[k], strict=True)))
-        return out
+        result = self.task.predict([row.value for row in rows])
+        return WindowScores(
+            predictions=self.task.dumps_all(result.predictions),
+            errors=result.errors,
+            tokens=result.tokens,
+            pixels=result.pixels,
+            truncated=len(result.truncated),
+        )
 
 
 def file_model(registry: ModelRegistry, name: str, variant: str | None = None) -> FileModel:
-    """The FileModel for a registry model (embedding or image classification)."""
-    loaded = registry.get(name, variant)
-    on_gpu = loaded.session.get_providers()[0] == "CUDAExecutionProvider"
-    if loaded.embedder is not None and on_gpu:  # the GPU worker: wide batches, plenty of memory
-        return TextFileModel(
-            loaded.embedder, loaded.variant, window_rows=4096, embed_chars=4 << 20, max_batch_tokens=256 * 128
-        )
-    if loaded.embedder is not None:
-        return TextFileModel(loaded.embedder, loaded.variant)
-    assert loaded.classifier is not None
-    return ImageFileModel(loaded.classifier, loaded.variant)
+    """The FileModel for a registry model: its own task, sized for the session's provider (CPU or GPU)."""
+    return TaskFileModel(registry.task(name, variant))
 
 
 # ---------------------------------------------------------------------- outputs and state
@@ -279,6 +146,7 @@ class Checkpoint:
     pending: dict[str, str] = field(default_factory=lambda: {s: "" for s in STREAMS})
     sink_state: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # what file this is (bucket, key, etag)
+    stopped: str | None = None  # why scoring stopped before the end (cancelled, quota_exceeded, row_failed)
 
     @property
     def rows(self) -> int:
@@ -301,6 +169,7 @@ class Checkpoint:
             "pending": self.pending,
             "sink_state": self.sink_state,
             "source": self.source,
+            "stopped": self.stopped,
         }
         return gzip.compress(json.dumps(data, ensure_ascii=False).encode("utf-8"), compresslevel=1, mtime=0)
 
@@ -324,6 +193,7 @@ class Checkpoint:
             pending={s: str(data["pending"].get(s, "")) for s in STREAMS},
             sink_state=dict(data.get("sink_state", {})),
             source=dict(data.get("source", {})),
+            stopped=data.get("stopped"),
         )
 
 
@@ -385,6 +255,10 @@ class ScoreSummary:
     @property
     def rows(self) -> int:
         return self.checkpoint.rows
+
+    @property
+    def stopped(self) -> str | None:
+        return self.checkpoint.stopped
 
     @property
     def succeeded(self) -> int:
@@ -513,8 +387,13 @@ def score_file(
     meta: dict[str, Any] | None = None,
     config: ScoreConfig | None = None,
     progress: Callable[[Progress], None] | None = None,
+    gate: Callable[[Checkpoint, int], str | None] | None = None,
 ) -> ScoreSummary:
     """Score `source` (or the rest of it, from `checkpoint`) into `sink`.
+
+    `gate(state, rows)` is asked before each window of `rows` rows is scored; a reason it returns
+    (cancelled, quota_exceeded, ...) stops scoring there: the outputs are completed with the rows
+    scored so far and the manifest says why it stopped (`checkpoint.stopped`).
 
     Returns when the file is done (outputs complete, manifest written) or when `deadline` is
     near, with a checkpoint saved whose `segment` is `segment + 1`: the caller hands that on.
@@ -536,6 +415,10 @@ def score_file(
         window_ms = 0.0  # the slowest recent window: the next one may take as long
         with reader:
             for window in _windows(iter(reader), max_rows, config.window_bytes):
+                if gate is not None:
+                    state.stopped = gate(state, sum(1 for item in window if isinstance(item, Row)))
+                    if state.stopped:
+                        break
                 started = time.monotonic()
                 run.score_window(window)
                 windows += 1
@@ -568,15 +451,24 @@ def score_file(
 
 
 def build_manifest(state: Checkpoint, model: FileModel, meta: dict[str, Any] | None, finished: float) -> dict[str, Any]:
+    """The one manifest schema of every results folder (batches and jobs, CPU and GPU)."""
     manifest = model.manifest
     entry = manifest.files.get(manifest.variant_file(model.variant))
+    source = dict(meta or state.source)
+    status = "succeeded" if not state.stopped else "cancelled" if state.stopped == "cancelled" else "failed"
     return {
+        "kind": source.pop("kind", None),
+        "id": source.pop("id", None),
+        "tenant": source.pop("tenant", None),
+        "status": status,
+        "reason": state.stopped,
+        "route": source.pop("route", None),
         "model": manifest.name,
         "version": manifest.version,
         "variant": model.variant,
         "task": manifest.task,
         "sha256": entry.sha256 if entry else None,
-        "input": dict(meta or state.source),
+        "input": source,
         "rows": state.rows,
         "succeeded": state.succeeded,
         "failed": state.failed,

@@ -8,15 +8,21 @@ from aws_lambda_powertools.event_handler.api_gateway import BaseRouter
 from pydantic import BaseModel, ValidationError
 
 from sif_api.errors import UnauthorizedError
+from sif_metering.ledger import NO_QUOTA
 
 
 class Caller(BaseModel):
-    """API Gateway passes authorizer context values as strings; pydantic turns them back into types."""
+    """API Gateway passes authorizer context values as strings; pydantic turns them back into types.
+
+    `monthly_calls` is the tenant's quota in units (inputs) per month: 0 = unlimited; NO_QUOTA (-1,
+    what the authorizer sends for a tenant record without a quota) is refused by every quota check.
+    A context without the field fails closed the same way, never as unlimited.
+    """
 
     tenant_id: str
     tenant_name: str = ""
     plan: str = "standard"
-    monthly_calls: int = 0
+    monthly_calls: int = NO_QUOTA
 
 
 def caller_from_event(event: dict[str, Any]) -> Caller:

@@ -1,11 +1,14 @@
-"""POST /v1/batches (a presigned upload into the caller's inbox prefix) and GET /v1/batches/{id}.
+"""POST /v1/batches (a presigned upload into the caller's inbox prefix), GET /v1/batches/{id},
+GET /v1/batches (the caller's, newest first) and POST /v1/batches/{id}/cancel.
 
 Creating a batch records it (queued) in the work table and returns a presigned PUT for
 `incoming/{tenant}/{model}/{id}.{format}` that expires; the upload itself triggers scoring
 (S3 -> SQS -> the scorer function, or the GPU queue when the router says so). The status route
 gives counts and progress, and, once the batch is done, presigned GETs for its predictions,
 errors and manifest in the results bucket. A batch id is looked up under the caller's tenant only,
-so another tenant's batch is a 404; no URL ever points outside the caller's own prefixes.
+so another tenant's batch is a 404; no URL ever points outside the caller's own prefixes. A batch
+whose file never arrives expires once its upload URL has expired plus `upload_grace_s`: lazily, when
+its record is read (one or in a list), so nothing has to run on a schedule.
 """
 
 from __future__ import annotations
@@ -17,21 +20,20 @@ from typing import Annotated, Any, Literal
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.depends import Depends
-from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from sif_api.caller import Caller, current_caller
-from sif_api.errors import NotFoundError
+from sif_api.errors import BadRequestError, ConflictError, NotFoundError
 from sif_api.routes_meta import SECURITY
 from sif_api.schemas import ModelName, error_responses
 from sif_api.service import ApiService, get_service
-from sif_core.filebatch import BATCH_ID, INBOX_PREFIX, RESULTS_PREFIX
+from sif_core.aws import presign_get
+from sif_core.keys import BATCH_ID, OUTPUT_FILES, RESULTS_PREFIX, inbox_key
 from sif_core.routing import Accelerator, Route
 from sif_core.rows import Format
-from sif_core.s3io import presign_get
-from sif_core.scoring import OUTPUT_FILES
 from sif_core.settings import Settings, get_settings
-from sif_core.work import WorkRecord, WorkStore, new_id
+from sif_core.work import LIST_LIMIT_MAX, InvalidCursorError, Status, WorkRecord, WorkStore, new_id
 
 logger = Logger(child=True)
 router = Router()
@@ -56,7 +58,7 @@ class CreateBatchResponse(BaseModel):
 
 class BatchStatusResponse(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Status = Field(description="expired: the file never arrived before the upload URL expired")
     route: Route
     model: str
     rows: int = Field(description="rows read so far (all of them once finished)")
@@ -66,9 +68,21 @@ class BatchStatusResponse(BaseModel):
     result_url: str | None = Field(default=None, description="presigned GET of predictions.jsonl (succeeded only)")
     errors_url: str | None = Field(default=None, description="presigned GET of errors.jsonl (succeeded only)")
     manifest_url: str | None = None
-    error: str | None = Field(default=None, description="why the file as a whole failed")
+    error: str | None = Field(default=None, description="why the file as a whole failed (or expired)")
     created_at: float
     updated_at: float
+    cancelled_at: float | None = None
+
+
+class BatchList(BaseModel):
+    """A page of the caller's batches, newest first (shaped like OpenAI's list objects)."""
+
+    object: Literal["list"] = "list"
+    data: list[BatchStatusResponse]
+    has_more: bool
+    next_cursor: str | None = Field(default=None, description="pass as `after` for the next page")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class BatchesApi:
@@ -81,9 +95,10 @@ class BatchesApi:
 
     def create(self, caller: Caller, req: CreateBatchRequest, api: ApiService) -> CreateBatchResponse:
         api.manifest(req.model)  # an unknown model is a 404 now, not a failed batch later
+        api.check_quota(caller)  # out of quota is a 429 now; the file's rows are reserved when it arrives
         tenant = caller.tenant_id
         batch_id = new_id("batch")
-        key = f"{INBOX_PREFIX}{tenant}/{req.model}/{batch_id}.{req.format}"
+        key = inbox_key(tenant, req.model, f"{batch_id}.{req.format}")
         ttl = self.settings.presign_ttl_s
         expires_at = int(time.time()) + ttl
         record = WorkRecord(
@@ -92,7 +107,6 @@ class BatchesApi:
             tenant=tenant,
             model=req.model,
             input_key=key,
-            output_prefix=f"{RESULTS_PREFIX}{tenant}/{req.model}/{batch_id}/",
             details={
                 "origin": "api",
                 "format": req.format,
@@ -108,9 +122,46 @@ class BatchesApi:
         return CreateBatchResponse(id=batch_id, upload_url=url, expires_at=expires_at, key=key)
 
     def status(self, caller: Caller, batch_id: str) -> BatchStatusResponse:
+        return self.describe(caller, self._record(caller, batch_id))
+
+    def list(self, caller: Caller, status: Status | None, after: str | None, limit: int) -> BatchList:
+        try:
+            records, cursor = self.store.list(
+                caller.tenant_id,
+                "batch",
+                status=status,
+                after=after,
+                limit=limit,
+                upload_grace_s=self.settings.upload_grace_s,
+            )
+        except InvalidCursorError as exc:
+            raise BadRequestError(f"after: {exc}") from exc
+        data = [self.describe(caller, r) for r in records]
+        return BatchList(
+            data=data,
+            has_more=cursor is not None,
+            next_cursor=cursor,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )
+
+    def cancel(self, caller: Caller, batch_id: str) -> BatchStatusResponse:
+        self._record(caller, batch_id)  # a 404, or a batch past its upload deadline expired first
+        record = self.store.cancel(caller.tenant_id, "batch", batch_id)
+        if record is None:
+            raise NotFoundError(f"no batch {batch_id!r}")
+        if record.status != "cancelled":
+            raise ConflictError(f"batch {batch_id!r} has already ended ({record.status}); it cannot be cancelled")
+        logger.info("batch cancelled", extra={"batch_id": batch_id, "tenant": caller.tenant_id})
+        return self.describe(caller, record)
+
+    def _record(self, caller: Caller, batch_id: str) -> WorkRecord:
         record = self.store.get(caller.tenant_id, "batch", batch_id) if BATCH_ID.match(batch_id) else None
         if record is None:
             raise NotFoundError(f"no batch {batch_id!r}")
+        return self.store.expire_if_stale(record, self.settings.upload_grace_s)
+
+    def describe(self, caller: Caller, record: WorkRecord) -> BatchStatusResponse:
         done = record.status == "succeeded"
         response = BatchStatusResponse(
             id=record.id,
@@ -121,9 +172,10 @@ class BatchesApi:
             succeeded=record.succeeded,
             failed=record.failed,
             progress=1.0 if done else record.progress,
-            error=record.error if record.status == "failed" else None,
+            error=record.error if record.status in ("failed", "expired") else None,
             created_at=record.created_at,
             updated_at=record.updated_at,
+            cancelled_at=record.cancelled_at,
         )
         prefix = record.output_prefix
         if prefix and prefix.startswith(f"{RESULTS_PREFIX}{caller.tenant_id}/"):
@@ -170,6 +222,27 @@ def create_batch(
 
 
 @router.get(
+    "/v1/batches",
+    summary="Your batches, newest first",
+    description=(
+        "A page of the caller's own batches as `GET /v1/batches/{id}` describes them, newest first. `status` "
+        "keeps one status; pass `next_cursor` as `after` for the next page (or a batch id, as OpenAI's lists take it)."
+    ),
+    tags=["batches"],
+    security=SECURITY,
+    responses=error_responses(400, 401, 422, 500, ok=200),
+)
+def list_batches(
+    caller: Annotated[Caller, Depends(current_caller)],
+    batches: Annotated[BatchesApi, Depends(get_batches)],
+    status: Annotated[Status | None, Query(description="only batches with this status")] = None,
+    after: Annotated[str | None, Query(max_length=512, description="`next_cursor` of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX, description="page size")] = 20,
+) -> BatchList:
+    return batches.list(caller, status, after, limit)
+
+
+@router.get(
     "/v1/batches/<batch_id>",
     summary="A batch's status, counts and result URLs",
     description="Only the caller's own batches: any other id is 404. A file with some bad rows still "
@@ -184,3 +257,23 @@ def get_batch(
     batches: Annotated[BatchesApi, Depends(get_batches)],
 ) -> BatchStatusResponse:
     return batches.status(caller, batch_id)
+
+
+@router.post(
+    "/v1/batches/<batch_id>/cancel",
+    summary="Cancel a batch",
+    description=(
+        "A queued or running batch becomes `cancelled` (a running file stops at its next checkpoint; the rows "
+        "scored are kept and billed). Cancelling a cancelled batch returns it unchanged; one that has already "
+        "ended (succeeded, failed or expired) is a 409. Only the caller's own batches: any other id is 404."
+    ),
+    tags=["batches"],
+    security=SECURITY,
+    responses=error_responses(401, 404, 409, 500, ok=200),
+)
+def cancel_batch(
+    batch_id: str,
+    caller: Annotated[Caller, Depends(current_caller)],
+    batches: Annotated[BatchesApi, Depends(get_batches)],
+) -> BatchStatusResponse:
+    return batches.cancel(caller, batch_id)

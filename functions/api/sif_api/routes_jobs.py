@@ -1,15 +1,16 @@
-"""POST /v1/jobs (202 + id) and GET /v1/jobs/{id}: async jobs, run by the worker or the GPU queue.
+"""POST /v1/jobs (202 + id), GET /v1/jobs/{id}, GET /v1/jobs, POST /v1/jobs/{id}/cancel: async jobs.
 
 Submission validates the job against the model's manifest (task, limits, the tenant's own S3
 prefixes), decides the route with the shared router, records the job (queued) in the work table
 and puts a `JobMessage` on the jobs queue; the worker runs cpu jobs itself and hands gpu jobs to
 AWS Batch. An instance list too big for one SQS message is staged in the results bucket first.
-A job id is looked up under the caller's tenant only, so another tenant's job is a 404.
+A job id is looked up under the caller's tenant only, so another tenant's job is a 404. The list is
+the caller's own jobs, newest first, a page at a time; cancelling flips a job that has not ended to
+`cancelled` (the runners stop at their next checkpoint), and is a 409 once it has ended.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from functools import cache
 from typing import Annotated, Any, Literal
@@ -17,33 +18,36 @@ from typing import Annotated, Any, Literal
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.depends import Depends
-from aws_lambda_powertools.event_handler.openapi.params import Body
+from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sif_api.caller import Caller, current_caller
-from sif_api.errors import ApiError, NotFoundError
+from sif_api.errors import ApiError, BadRequestError, ConflictError, NotFoundError
 from sif_api.routes_meta import SECURITY
 from sif_api.schemas import ModelName, error_responses
 from sif_api.service import ApiService, get_service
+from sif_core.aws import presign_get
+from sif_core.callbacks import check_callback_url
 from sif_core.jobs import (
     MAX_INLINE_MESSAGE_BYTES,
-    JobFailedError,
     JobInput,
     JobMessage,
-    check_callback_url,
     check_input_uri,
-    instance_rows,
-    staged_input_key,
+    check_instances,
+    instances_jsonl,
 )
-from sif_core.routing import Accelerator, Route, choose_route
-from sif_core.s3io import presign_get
+from sif_core.keys import staged_input_key
+from sif_core.lifecycle import WorkFailedError
+from sif_core.routing import Accelerator, Route, choose_route, estimate_rows
+from sif_core.rows import FileFormatError, detect_format
+from sif_core.runner import OnError
+from sif_core.s3io import S3Object
 from sif_core.settings import Settings, get_settings
-from sif_core.work import WorkRecord, WorkStore, new_id
+from sif_core.work import LIST_LIMIT_MAX, InvalidCursorError, Status, WorkRecord, WorkStore, new_id
 
 logger = Logger(child=True)
 router = Router()
-BYTES_PER_ROW_ESTIMATE = 100  # for routing an s3_uri input by its size
 
 
 class JobValidationError(ApiError):
@@ -61,10 +65,14 @@ class CreateJobRequest(BaseModel):
     model: ModelName
     input: JobInput = Field(
         description='`{"instances": [...]}` (texts, or `{"b64": ...}` images) or `{"s3_uri": "s3://..."}` '
-        "(a JSONL/CSV file in your inbox prefix or your results prefix)",
+        "(a JSONL/CSV file under `uploads/{tenant}/` in the inbox bucket, or in your results prefix)",
         examples=[{"instances": ["The battery lasts all day.", "Shipping took three weeks."]}],
     )
     accelerator: Accelerator = Field(default="auto", description="auto: the router decides from the model's costs")
+    on_error: OnError = Field(
+        default="continue",
+        description='"continue": a bad row goes to errors.jsonl and the others are scored; "fail": all-or-nothing',
+    )
     callback_url: str | None = Field(
         default=None,
         max_length=2048,
@@ -85,7 +93,7 @@ class CreateJobResponse(BaseModel):
 
 class JobStatusResponse(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Status
     progress: float = Field(description="0..1")
     route: Route
     model: str
@@ -95,6 +103,18 @@ class JobStatusResponse(BaseModel):
     error: str | None = None
     created_at: float
     updated_at: float
+    cancelled_at: float | None = None
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first (shaped like OpenAI's list objects)."""
+
+    object: Literal["list"] = "list"
+    data: list[JobStatusResponse]
+    has_more: bool
+    next_cursor: str | None = Field(default=None, description="pass as `after` for the next page")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 # ---------------------------------------------------------------- the service
@@ -108,20 +128,22 @@ class JobsApi:
         self.store = store
 
     def submit(self, caller: Caller, req: CreateJobRequest, api: ApiService) -> CreateJobResponse:
+        """Validate, estimate, reserve the estimate on the tenant's quota (429 when it does not fit), record, queue."""
         tenant = caller.tenant_id
         manifest = api.manifest(req.model)
         job_id = new_id("job")
         job_input = req.input
         if job_input.instances is not None:
             try:
-                instance_rows(manifest, job_input.instances)
-            except JobFailedError as exc:
+                check_instances(manifest, job_input.instances)
+            except WorkFailedError as exc:
                 raise JobValidationError(f"input.{exc}") from exc
             items = len(job_input.instances)
         else:
             assert job_input.s3_uri is not None
             items = self._rows_in(tenant, job_input.s3_uri)
         route = choose_route(manifest, items, req.accelerator)
+        api.reserve(caller, f"job#{job_id}", items)
         message = JobMessage(
             id=job_id,
             tenant=tenant,
@@ -129,12 +151,13 @@ class JobsApi:
             input=job_input,
             accelerator=req.accelerator,
             route=route,
+            on_error=req.on_error,
             callback_url=req.callback_url,
             submitted_at=time.time(),
         )
         body = message.model_dump_json(exclude_none=True)
         if len(body.encode("utf-8")) > MAX_INLINE_MESSAGE_BYTES:
-            message.input = JobInput(s3_uri=self._stage(tenant, job_id, manifest.task, job_input.instances or []))
+            message.input = JobInput(s3_uri=self._stage(tenant, job_id, job_input.instances or []))
             body = message.model_dump_json(exclude_none=True)
         record = WorkRecord(
             id=job_id,
@@ -145,7 +168,7 @@ class JobsApi:
             rows=items if job_input.instances is not None else 0,
             input_key=message.input.s3_uri,
             callback_url=req.callback_url,
-            details={"source": "api", "accelerator": req.accelerator},
+            details={"source": "api", "accelerator": req.accelerator, "reserved": items, "on_error": req.on_error},
         )
         self.store.create(record)
         try:
@@ -159,17 +182,23 @@ class JobsApi:
             )
         except ClientError as exc:
             logger.exception("could not enqueue job", extra={"job_id": job_id})
+            api.release(caller, f"job#{job_id}")
             self.store.update(tenant, "job", job_id, status="failed", error="could not be queued; submit it again")
             raise JobEnqueueError("the job could not be queued; try again") from exc
         logger.info("job queued", extra={"job_id": job_id, "tenant": tenant, "route": route, "items": items})
         return CreateJobResponse(id=job_id, route=route)
 
     def _rows_in(self, tenant: str, uri: str) -> int:
-        """The s3_uri must be the tenant's own and exist; its size gives a row estimate for the router."""
+        """The s3_uri must be the tenant's own, readable, and not a dropped file; rows estimated the one way."""
         try:
-            bucket, key = check_input_uri(uri, tenant, self.settings)
-        except JobFailedError as exc:
+            bucket, key = check_input_uri(
+                uri, tenant, inbox_bucket=self.settings.inbox_bucket, results_bucket=self.settings.results_bucket
+            )
+        except WorkFailedError as exc:
             raise JobValidationError(f"input.s3_uri: {exc}") from exc
+        fmt = detect_format(key)
+        if fmt is None:
+            raise JobValidationError("input.s3_uri: unknown format (use .jsonl or .csv, optionally .gz)")
         try:
             head = self.s3.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
@@ -177,20 +206,18 @@ class JobsApi:
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise JobValidationError(f"input.s3_uri: no such object {uri}") from exc
             raise
-        factor = 3 if key.endswith(".gz") else 1  # compressed text: about 3x as many rows per byte
-        return max(1, int(head.get("ContentLength", 0)) * factor // BYTES_PER_ROW_ESTIMATE)
+        source = S3Object(self.s3, bucket, key, str(head["ETag"]), int(head.get("ContentLength", 0)))
+        try:
+            return estimate_rows(source, fmt)
+        except FileFormatError as exc:
+            raise JobValidationError(f"input.s3_uri: {exc}") from exc
 
-    def _stage(self, tenant: str, job_id: str, task: str, instances: list[Any]) -> str:
-        field = "text" if task == "embedding" else "b64"
-        lines = []
-        for i, value in enumerate(instances):
-            payload = value if field == "text" else value.get("b64")
-            lines.append(json.dumps({"id": i, field: payload}, ensure_ascii=False))
+    def _stage(self, tenant: str, job_id: str, instances: list[Any]) -> str:
         key = staged_input_key(tenant, job_id)
         self.s3.put_object(
             Bucket=self.settings.results_bucket,
             Key=key,
-            Body=("\n".join(lines) + "\n").encode("utf-8"),
+            Body=instances_jsonl(instances),
             ContentType="application/x-ndjson",
         )
         return f"s3://{self.settings.results_bucket}/{key}"
@@ -199,6 +226,32 @@ class JobsApi:
         record = self.store.get(caller.tenant_id, "job", job_id) if len(job_id) <= 128 else None
         if record is None:
             raise NotFoundError(f"no job {job_id!r}")
+        return self.describe(record)
+
+    def list(self, caller: Caller, status: Status | None, after: str | None, limit: int) -> JobList:
+        try:
+            records, cursor = self.store.list(caller.tenant_id, "job", status=status, after=after, limit=limit)
+        except InvalidCursorError as exc:
+            raise BadRequestError(f"after: {exc}") from exc
+        data = [self.describe(r) for r in records]
+        return JobList(
+            data=data,
+            has_more=cursor is not None,
+            next_cursor=cursor,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )
+
+    def cancel(self, caller: Caller, job_id: str) -> JobStatusResponse:
+        record = self.store.cancel(caller.tenant_id, "job", job_id) if len(job_id) <= 128 else None
+        if record is None:
+            raise NotFoundError(f"no job {job_id!r}")
+        if record.status != "cancelled":
+            raise ConflictError(f"job {job_id!r} has already ended ({record.status}); it cannot be cancelled")
+        logger.info("job cancelled", extra={"job_id": job_id, "tenant": caller.tenant_id})
+        return self.describe(record)
+
+    def describe(self, record: WorkRecord) -> JobStatusResponse:
         response = JobStatusResponse(
             id=record.id,
             status=record.status,
@@ -209,6 +262,7 @@ class JobsApi:
             error=record.error if record.status == "failed" else None,
             created_at=record.created_at,
             updated_at=record.updated_at,
+            cancelled_at=record.cancelled_at,
         )
         if record.status == "succeeded" and record.output_prefix:
             response.output_url = self._presign(record.output_prefix + "predictions.jsonl")
@@ -251,6 +305,27 @@ def create_job(
 
 
 @router.get(
+    "/v1/jobs",
+    summary="Your jobs, newest first",
+    description=(
+        "A page of the caller's own jobs as `GET /v1/jobs/{id}` describes them, newest first. `status` "
+        "keeps one status; pass `next_cursor` as `after` for the next page (or a job id, as OpenAI's lists take it)."
+    ),
+    tags=["jobs"],
+    security=SECURITY,
+    responses=error_responses(400, 401, 422, 500, ok=200),
+)
+def list_jobs(
+    caller: Annotated[Caller, Depends(current_caller)],
+    jobs: Annotated[JobsApi, Depends(get_jobs)],
+    status: Annotated[Status | None, Query(description="only jobs with this status")] = None,
+    after: Annotated[str | None, Query(max_length=512, description="`next_cursor` of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX, description="page size")] = 20,
+) -> JobList:
+    return jobs.list(caller, status, after, limit)
+
+
+@router.get(
     "/v1/jobs/<job_id>",
     summary="A job's status, progress and result",
     description="Only the caller's own jobs: any other id is 404.",
@@ -264,3 +339,23 @@ def get_job(
     jobs: Annotated[JobsApi, Depends(get_jobs)],
 ) -> JobStatusResponse:
     return jobs.status(caller, job_id)
+
+
+@router.post(
+    "/v1/jobs/<job_id>/cancel",
+    summary="Cancel a job",
+    description=(
+        "A queued or running job becomes `cancelled` (a running one stops at its next checkpoint; what it "
+        "scored is kept and billed). Cancelling a cancelled job returns it unchanged; one that has already "
+        "ended (succeeded or failed) is a 409. Only the caller's own jobs: any other id is 404."
+    ),
+    tags=["jobs"],
+    security=SECURITY,
+    responses=error_responses(401, 404, 409, 500, ok=200),
+)
+def cancel_job(
+    job_id: str,
+    caller: Annotated[Caller, Depends(current_caller)],
+    jobs: Annotated[JobsApi, Depends(get_jobs)],
+) -> JobStatusResponse:
+    return jobs.cancel(caller, job_id)

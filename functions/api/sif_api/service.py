@@ -183,9 +183,20 @@ class ApiService:
         )
 
     def _metered(
-        self, caller: Caller, manifest: ModelManifest, request_id: str, work: Callable[[], Outcome]
+        self,
+        caller: Caller,
+        manifest: ModelManifest,
+        request_id: str,
+        work: Callable[[], Outcome],
+        units: int | None = None,
     ) -> tuple[Outcome, Usage]:
-        self.quota.check(caller.tenant_id, caller.monthly_calls)
+        """Run `work` metered: the quota unit is the input, so a call draws one unit per input.
+
+        `units` (the number of inputs, when the caller knows it before inference) lets the gate
+        refuse a call that cannot fit before any inference runs; None checks 1 unit. The ledger then
+        charges the inputs actually counted (at least 1), conditionally on the quota.
+        """
+        self.quota.check(caller.tenant_id, caller.monthly_calls, max(1, units or 1))
         start = time.perf_counter()
         outcome = work()
         usage = Usage(
@@ -197,18 +208,36 @@ class ApiService:
             pixels=outcome.pixels,
             compute_ms=_elapsed_ms(start),
         )
+        charged = max(1, usage.inputs)
         try:
             fresh = self.ledger.record(usage, monthly_limit=caller.monthly_calls)
         except QuotaExceededError:
-            self.quota.exhausted(caller.tenant_id, caller.monthly_calls)
+            self.quota.exhausted(caller.tenant_id, caller.monthly_calls, charged)
             raise
         if fresh:
-            self.quota.recorded(caller.tenant_id)
+            self.quota.recorded(caller.tenant_id, charged)
             if self.usage_metrics is not None:
                 self.usage_metrics.emit(usage)
         else:
             logger.info("request already metered (a retried invocation)", extra={"request_id": request_id})
         return outcome, usage
+
+    # ------------------------------------------------------------ jobs and batches
+    def reserve(self, caller: Caller, reservation_id: str, units: int) -> None:
+        """Hold `units` of the caller's monthly quota for a job (QuotaExceededError -> 429 when they do not fit)."""
+        try:
+            self.ledger.reserve(caller.tenant_id, reservation_id, units, caller.monthly_calls)
+        except QuotaExceededError:
+            self.quota.exhausted(caller.tenant_id, caller.monthly_calls, max(1, units))
+            raise
+        self.quota.recorded(caller.tenant_id, units)
+
+    def release(self, caller: Caller, reservation_id: str) -> None:
+        self.ledger.release(caller.tenant_id, reservation_id)
+
+    def check_quota(self, caller: Caller, units: int = 1) -> None:
+        """Refuse early (429) when not even `units` are left this month (a batch before its file arrives)."""
+        self.quota.check(caller.tenant_id, caller.monthly_calls, units)
 
     # ------------------------------------------------------------ usage
     def usage(self, caller: Caller, start: date | None, end: date | None) -> UsageResponse:

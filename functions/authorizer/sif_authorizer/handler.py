@@ -1,9 +1,15 @@
 """sif API key authorizer (API Gateway REST, REQUEST type).
 
 A known key -> an Allow policy for the whole API (so a cached result serves every route) and a
-context with the tenant id, name, plan and monthly call quota, which API Gateway hands to the API
-function as requestContext.authorizer. A missing or unknown key -> "Unauthorized", which API
-Gateway answers with 401 (the template's UNAUTHORIZED gateway response).
+context with the tenant id, name, plan and monthly quota (`monthly_calls`, in units = inputs;
+0 = unlimited), which API Gateway hands to the API function as requestContext.authorizer. A missing
+or unknown key -> "Unauthorized", which API Gateway answers with 401 (the template's UNAUTHORIZED
+gateway response).
+
+A tenant record without a quota (Tenant.monthly_calls None) is still allowed in, with
+`monthly_calls` = NO_QUOTA (-1) in the context: context values cannot be null, and every quota
+check refuses a negative limit, so its metered calls answer 429 "no quota configured" while the
+unmetered routes (models, usage) keep working. It fails closed, never as 0 = unlimited.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from sif_authorizer.keys import TenantCache, api_key_from_headers
 from sif_core.aws import table
 from sif_core.settings import Settings
 from sif_core.tenants import Tenant, find_tenant
+from sif_metering.ledger import NO_QUOTA
 
 logger = Logger()
 tracer = Tracer()
@@ -47,7 +54,7 @@ def policy(event: APIGatewayAuthorizerRequestEvent, tenant: Tenant) -> dict[str,
             "tenant_id": tenant.tenant_id,
             "tenant_name": tenant.name,
             "plan": tenant.plan,
-            "monthly_calls": tenant.monthly_calls,
+            "monthly_calls": NO_QUOTA if tenant.monthly_calls is None else tenant.monthly_calls,
         },
     )
     response.allow_all_routes()

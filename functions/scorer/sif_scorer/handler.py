@@ -30,15 +30,11 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAl
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_core.aws import client
-from sif_core.filebatch import (
-    INBOX_PREFIX,
-    FileBatchRunner,
-    InboxFile,
-    NotAnInboxFileError,
-    services_from_settings,
-)
-from sif_core.jobs import max_receive_count
+from sif_core.dlq import max_receive_count
+from sif_core.filebatch import FileBatches, InboxFile, NotAnInboxFileError
+from sif_core.keys import INBOX_PREFIX
 from sif_core.scoring import Deadline
+from sif_core.services import lifecycle
 from sif_core.settings import get_settings
 from sif_scorer.events import Continuation, FileTask, InboxRecord, InboxS3Event, InboxS3Record, S3TestEvent
 
@@ -63,20 +59,19 @@ def hand_on(file: InboxFile, segment: int) -> None:
     sqs.send_message(QueueUrl=settings.inbox_queue_url, MessageBody=message.model_dump_json())
 
 
-runner = FileBatchRunner(services_from_settings(settings, batch=client("batch"), continue_with=hand_on))
+batches = FileBatches(lifecycle(settings, continue_with=hand_on))
 idempotency = IdempotencyConfig(
     event_key_jmespath="[bucket, key, etag, segment]",
     raise_on_no_idempotency_key=True,
     expires_after_seconds=IDEMPOTENCY_TTL_S,
 )
 persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
-_invocation: dict[str, LambdaContext] = {}
 
 
 @idempotent_function(data_keyword_argument="task", persistence_store=persistence, config=idempotency)
-def score_task(task: FileTask) -> dict[str, Any]:
+def score_task(task: FileTask, deadline: Deadline) -> dict[str, Any]:
     file = InboxFile.parse(task.bucket, task.key, task.etag, task.size)
-    outcome = runner.handle(file, task.segment, Deadline.from_context(_invocation["context"]))
+    outcome = batches.handle(file, task.segment, deadline)
     logger.info("file batch", extra={"key": file.key, "segment": task.segment, **outcome.as_dict()})
     if outcome.status in ("succeeded", "failed"):
         metrics.add_metric(name="FilesFinished", unit=MetricUnit.Count, value=1)
@@ -114,7 +109,8 @@ def task_from_s3(record: InboxS3Record) -> FileTask | None:
 
 
 @tracer.capture_method
-def record_handler(record: InboxRecord) -> list[dict[str, Any]]:
+def record_handler(record: InboxRecord, lambda_context: LambdaContext) -> list[dict[str, Any]]:
+    """BatchProcessor passes the invocation's context to a record handler that declares it."""
     body = record.body
     if isinstance(body, S3TestEvent):
         logger.info("S3 test event", extra={"bucket": body.Bucket})
@@ -126,7 +122,7 @@ def record_handler(record: InboxRecord) -> list[dict[str, Any]]:
     results = []
     for task in tasks:
         try:
-            results.append(score_task(task=task))
+            results.append(score_task(task=task, deadline=Deadline.from_context(lambda_context)))
         except IdempotencyAlreadyInProgressError:
             # A duplicate of a file running right now: the record fails and SQS redelivers it later,
             # when it finds the finished result (or takes over from a crashed run).
@@ -135,7 +131,7 @@ def record_handler(record: InboxRecord) -> list[dict[str, Any]]:
             attempts = int(record.attributes.ApproximateReceiveCount or 1)
             logger.warning("file batch failed", extra={"key": task.key, "attempt": attempts, "error": str(exc)})
             if attempts >= last_receive():
-                runner.give_up(InboxFile.parse(task.bucket, task.key, task.etag, task.size), exc, attempts)
+                batches.give_up(InboxFile.parse(task.bucket, task.key, task.etag, task.size), exc, attempts)
             raise
     return results
 
@@ -151,7 +147,6 @@ def last_receive() -> int:
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     idempotency.register_lambda_context(context)
-    _invocation["context"] = context
     response = process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

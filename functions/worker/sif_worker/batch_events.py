@@ -14,24 +14,18 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sif_core.jobs import (
-    BatchJobStateChange,
-    JobRunner,
-    callback_policy_for,
-    fail_from_batch_event,
-    services_from_settings,
-)
+from sif_core.batch_events import BatchJobStateChange, fail_from_batch_event
+from sif_core.services import lifecycle
 from sif_core.settings import get_settings
 
 logger = Logger()
-runner = JobRunner(
-    services_from_settings(get_settings(), batch=None, callback_policy=callback_policy_for(get_settings()))
-)
+# No model runs here: the lifecycle only (this function's layers carry neither numpy nor onnxruntime).
+work = lifecycle(get_settings(), registry=None, batch=None)
 
 
 @logger.inject_lambda_context
 @event_parser(model=BatchJobStateChange)
 def lambda_handler(event: BatchJobStateChange, context: LambdaContext) -> dict[str, Any]:
-    outcome = fail_from_batch_event(runner, event)
+    outcome = fail_from_batch_event(work, event)
     logger.info("batch job state change", extra={"batch_job_id": event.detail.jobId, **outcome})
     return outcome

@@ -28,8 +28,10 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAl
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_core.aws import client
-from sif_core.jobs import JobMessage, JobRunner, callback_policy_for, max_receive_count, services_from_settings
+from sif_core.dlq import max_receive_count
+from sif_core.jobs import JobMessage, Jobs
 from sif_core.scoring import Deadline
+from sif_core.services import lifecycle
 from sif_core.settings import get_settings
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -39,7 +41,7 @@ logger = Logger()
 tracer = Tracer()
 # Every record failing is answered like any partial failure (all ids listed), not raised.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-runner = JobRunner(services_from_settings(settings, callback_policy=callback_policy_for(settings)))
+jobs = Jobs(lifecycle(settings))
 idempotency = IdempotencyConfig(
     event_key_jmespath="[tenant, id]",
     raise_on_no_idempotency_key=True,
@@ -55,13 +57,16 @@ def last_receive() -> int:
 
 @idempotent_function(data_keyword_argument="job", persistence_store=persistence, config=idempotency)
 def run_job(job: JobMessage, deadline: Deadline) -> dict[str, Any]:
-    outcome = runner.handle(job, deadline)
+    outcome = jobs.handle(job, deadline)
     logger.info("job done", extra={"job_id": job.id, "tenant": job.tenant, **outcome.as_dict()})
     return outcome.as_dict()
 
 
 @tracer.capture_method
-def handle_record(record: SQSRecord, deadline: Deadline) -> dict[str, Any]:
+def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> dict[str, Any]:
+    """BatchProcessor passes the invocation's context to a record handler that declares it; a cpu job
+    still running near the timeout goes to the GPU queue."""
+    deadline = Deadline.from_context(lambda_context)
     attempts = int(record.attributes.approximate_receive_count or 1)
     try:
         return run_job(job=JobMessage.model_validate_json(record.body), deadline=deadline)
@@ -70,7 +75,7 @@ def handle_record(record: SQSRecord, deadline: Deadline) -> dict[str, Any]:
     except Exception as exc:
         logger.warning("job message failed", extra={"message_id": record.message_id, "attempt": attempts})
         if attempts >= last_receive():
-            runner.give_up(record.body, exc, attempts)
+            jobs.give_up(record.body, exc, attempts)
         raise
 
 
@@ -78,11 +83,6 @@ def handle_record(record: SQSRecord, deadline: Deadline) -> dict[str, Any]:
 @tracer.capture_lambda_handler
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     idempotency.register_lambda_context(context)
-    deadline = Deadline.from_context(context)  # a cpu job still running near the timeout goes to Batch
-
-    def record_handler(record: SQSRecord) -> dict[str, Any]:
-        return handle_record(record, deadline)
-
     response = process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

@@ -4,6 +4,8 @@ sif up                              start the local stack in the foreground (Ctr
 sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key
 sif env                             shell exports for talking to the running stack's emulator
 sif jobs redrive [--max N]          move dead-lettered job messages back to the jobs queue
+sif jobs list|status|cancel ...     your jobs, newest first; one job; cancel one (through the API)
+sif batches list|status|fetch|cancel ...   the same for batches; fetch downloads a batch's results
 sif score FILE --model M            upload a file as a batch, show its progress, download the results
 sif usage [--from D] [--to D]       the caller's usage and cost
 """
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sif_local import score_cli, usage_cli
+from sif_local import score_cli, usage_cli, work_cli
 from sif_local.awsemu import PortInUseError, aws_client_env
 
 log = logging.getLogger("sif_local.cli")
@@ -150,7 +152,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_jobs_redrive(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from sif_core.jobs import redrive
+    from sif_core.dlq import redrive
 
     try:
         info, (session, endpoint) = _stack_clients(args)
@@ -203,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     redrive = jobs_sub.add_parser("redrive", help="move messages from the jobs DLQ back to the jobs queue")
     redrive.add_argument("--max", type=int, default=None, help="move at most this many (default: all)")
     redrive.set_defaults(func=cmd_jobs_redrive)
+    work_cli.add_actions(jobs_sub, "job")
+
+    batches = sub.add_parser("batches", help="your batches: list, status, fetch results, cancel")
+    work_cli.add_actions(batches.add_subparsers(dest="batches_command", required=True, metavar="ACTION"), "batch")
 
     score = sub.add_parser("score", help="score a file through the batch path: upload, progress, results")
     score_cli.add_arguments(score)

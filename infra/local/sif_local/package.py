@@ -1,33 +1,46 @@
 """`make package`: Lambda-ready layers, function folders and deterministic zips.
 
-The runtime layer is built for the Lambda runtime (CPython 3.12 on manylinux, x86_64 or
-arm64), not for the interpreter running this script: pip fetches the target's wheels with
-``--platform/--python-version/--only-binary``. It is then trimmed to what the functions
-need at run time:
+Which layers there are and what goes in them is set here (``LAYER_REQUIREMENTS``,
+``LAYER_SOURCES``); which function gets which is read from template.yaml (each function's
+``Layers``, each layer's ``ContentUri`` ``build/package/layers/<name>``), so every function
+is counted with *its* layers.
+
+The third-party runtime layers are built for the Lambda runtime (CPython 3.12 on manylinux,
+x86_64 or arm64), not for the interpreter running this script: pip fetches the target's
+wheels with ``--platform/--python-version/--only-binary``, all runtime requirement files in
+one resolution (their layers share one sys.path, so their versions must fit together). The
+result is split by distribution: each goes to the first layer whose requirements reach it
+(``runtime-base``: pydantic, pydantic-settings, powertools; ``runtime-ml``: onnxruntime,
+tokenizers, numpy, Pillow and what only they need), so ``runtime-ml`` repeats nothing of
+``runtime-base`` and a function that has it must have ``runtime-base`` too (checked). Then
+each is trimmed to what the functions need at run time:
 
 * distributions the Lambda runtime already provides (boto3, botocore, s3transfer), those
   never used at run time (see ``NOT_NEEDED_AT_RUNTIME``) and everything only they pulled
-  in are removed, file by file from their ``RECORD``;
+  in are left out;
 * files no import needs go too: tests, type stubs, C headers and static libraries,
   console scripts, onnxruntime's offline tools and its C-API library, and any bytecode
   (pip's would be for this interpreter, not the target's).
 
 ``--compile-with PYTHON`` ships bytecode made by an interpreter of the target version
 instead (faster cold starts, more bytes); ``--check-with PYTHON`` imports the result with
-such an interpreter, the way Lambda lays it out, and runs a tiny model.
+such an interpreter, the way Lambda lays it out: every layer together runs a tiny model,
+then each function's code with only its own layers imports every package they hold.
 
 Output under ``--out`` (default ``build/package``)::
 
-    layers/runtime/python/      third-party runtime (onnxruntime, tokenizers, numpy, ...)
-    layers/inference/python/    sif_inference + sif_core
-    layers/metering/python/     sif_metering
-    functions/<name>/           each function's own package(s)
-    zips/layer-<name>.zip, zips/function-<name>.zip
-    sizes.json                  the sizes printed in the table
+    layers/runtime-base/python/  pydantic, pydantic-settings, powertools (every function)
+    layers/runtime-ml/python/    onnxruntime, tokenizers, numpy, Pillow (functions that run models)
+    layers/inference/python/     sif_inference: the inference core (AWS-free)
+    layers/core/python/          sif_core: the application core
+    layers/metering/python/      sif_metering
+    functions/<code>/            each CodeUri folder's own package(s)
+    zips/layer-<name>.zip, zips/function-<code>.zip
+    sizes.json                   the sizes printed in the tables
 
-Every function is counted with all three layers; the build fails (exit 1) when a function
-plus its layers exceeds ``--limit-mib`` unzipped (Lambda's hard limit is 250 MiB).
-Models are not bundled: the functions load them from the models bucket at run time.
+The build fails (exit 1) when a function plus its layers exceeds ``--limit-mib`` unzipped
+(Lambda's hard limit is 250 MiB). Models are not bundled: the functions load them from the
+models bucket at run time.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +63,8 @@ from pathlib import Path
 from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+
+from sif_local.template import Template
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 MIB = 1024 * 1024
@@ -101,19 +117,81 @@ ORT_EXTENSION_GLOB = "onnxruntime_pybind11_state*.so"
 JUNK_DIR_NAMES = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 JUNK_SUFFIXES = (".pyc", ".pyo")
 
-# Layers and functions: artifact name -> source folders copied into it.
+# Third-party layers: artifact name -> requirements file. Installed in one resolution, then
+# split: a distribution goes to the first layer here whose requirements reach it, so a later
+# layer relies on the earlier ones (a function with runtime-ml must have runtime-base).
+LAYER_REQUIREMENTS: dict[str, str] = {
+    "runtime-base": "requirements/runtime-base.txt",
+    "runtime-ml": "requirements/runtime-ml.txt",
+}
+# First-party layers: artifact name -> source folders copied into its python/.
 LAYER_SOURCES: dict[str, tuple[str, ...]] = {
-    "inference": ("layers/inference/python/sif_inference", "shared/sif_core"),
+    "inference": ("layers/inference/python/sif_inference",),
+    "core": ("shared/sif_core",),
     "metering": ("layers/metering/python/sif_metering",),
 }
-FUNCTIONS = ("api", "authorizer", "scorer", "worker")
-LAYERS = ("runtime", "inference", "metering")
+LAYERS = (*LAYER_REQUIREMENTS, *LAYER_SOURCES)
+# template.yaml's layers point their ContentUri here; the folder name is the artifact name.
+LAYER_CONTENT_DIR = "build/package/layers"
+TEMPLATE = "template.yaml"
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 class PackageError(RuntimeError):
     """A build step failed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- functions and their layers
+
+
+@dataclass(frozen=True)
+class LambdaFunction:
+    """One AWS::Serverless::Function of template.yaml as packaged: its code and its layers."""
+
+    logical_id: str
+    name: str  # the logical id without "Function", kebab-case: GpuJobEventsFunction -> gpu-job-events
+    code: str  # its CodeUri folder's name: the function-<code> artifact (several functions may share it)
+    code_uri: str  # as in the template, relative to the repository root
+    handler: str
+    layers: tuple[str, ...]  # layer artifact names, in the template's order
+
+
+def function_name(logical_id: str) -> str:
+    base = logical_id.removesuffix("Function") or logical_id
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", base).lower()
+
+
+def template_functions(path: Path) -> dict[str, LambdaFunction]:
+    """Every function of the template with the layer artifacts it uses, by ``function_name``.
+
+    A layer must be one this build makes (its ContentUri ``build/package/layers/<name>``), and
+    a function with a third-party layer must have every third-party layer before it (the split
+    puts what they share in the earlier one)."""
+    template = Template(path=path)
+    layer_ids = template.of_type("AWS::Serverless::LayerVersion")
+    artifacts: dict[str, str] = {}
+    for lid, resource in layer_ids.items():
+        uri = str(resource.get("Properties", {}).get("ContentUri", "")).rstrip("/")
+        name = uri.rsplit("/", 1)[-1]
+        if uri != f"{LAYER_CONTENT_DIR}/{name}" or name not in LAYERS:
+            raise PackageError(f"{path.name}: {lid}'s ContentUri {uri!r} is not one of {LAYER_CONTENT_DIR}/{LAYERS}")
+        artifacts[lid] = name
+    functions: dict[str, LambdaFunction] = {}
+    for lid, spec in template.functions().items():
+        unknown = [ref for ref in spec.layers if ref not in artifacts]
+        if unknown:
+            raise PackageError(f"{path.name}: {lid} uses layers this build does not make: {unknown}")
+        layers = tuple(artifacts[ref] for ref in spec.layers)
+        third_party = list(LAYER_REQUIREMENTS)
+        for i, layer in enumerate(third_party):
+            missing = [earlier for earlier in third_party[:i] if earlier not in layers]
+            if layer in layers and missing:
+                raise PackageError(f"{path.name}: {lid} has the {layer} layer but not {missing}, which it relies on")
+        code_uri = spec.code_uri.rstrip("/")
+        fn = LambdaFunction(lid, function_name(lid), code_uri.rsplit("/", 1)[-1], code_uri, spec.handler, layers)
+        functions[fn.name] = fn
+    return functions
 
 
 # --------------------------------------------------------------------------- distributions
@@ -222,12 +300,38 @@ def needed_distributions(
     return needed
 
 
+def assign_layers(
+    dists: Mapping[str, Distribution], requirements: Mapping[str, Sequence[Requirement]], env: Mapping[str, str]
+) -> dict[str, str]:
+    """Distribution name -> the first layer (in ``requirements``' order) whose requirements
+    reach it; what the Lambda runtime provides or no function needs (and all only they pull
+    in) is in none."""
+    excluded = {**LAMBDA_PROVIDED, **NOT_NEEDED_AT_RUNTIME}
+    owner: dict[str, str] = {}
+    for layer, roots in requirements.items():
+        for name in sorted(needed_distributions(dists, roots, env, excluded)):
+            owner.setdefault(name, layer)
+    return owner
+
+
 def remove_distribution(root: Path, dist: Distribution) -> None:
     """Delete a distribution's files (from its RECORD) and its .dist-info."""
     for rel in dist.files:
         path = root / rel
         if path.is_file() or path.is_symlink():
             path.unlink()
+    shutil.rmtree(dist.dist_info, ignore_errors=True)
+    prune_empty_dirs(root)
+
+
+def move_distribution(root: Path, dist: Distribution, dest: Path) -> None:
+    """Move a distribution's files (from its RECORD) and its .dist-info from ``root`` to the
+    same relative paths under ``dest`` (folders shared with others, like a namespace, stay)."""
+    for rel in dist.files:
+        path = root / rel
+        if path.is_file() or path.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            path.replace(dest / rel)
     shutil.rmtree(dist.dist_info, ignore_errors=True)
     prune_empty_dirs(root)
 
@@ -363,12 +467,13 @@ class Artifact:
 
 @dataclass
 class DistributionSize:
-    """A runtime-layer distribution's unzipped bytes as installed and after trimming."""
+    """A runtime distribution's unzipped bytes as installed and after trimming, and its layer."""
 
     version: str
     before: int
     after: int = 0
-    removed: str = ""  # why, when the whole distribution was removed
+    layer: str = ""  # the third-party layer it went to
+    removed: str = ""  # why, when the whole distribution was left out
 
 
 @dataclass
@@ -376,25 +481,26 @@ class Report:
     python_version: str
     arch: str
     limit_mib: float
+    functions: dict[str, LambdaFunction] = field(default_factory=dict)
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     distributions: dict[str, DistributionSize] = field(default_factory=dict)
-    trimmed: Trimmed = field(default_factory=Trimmed)
+    trimmed: dict[str, Trimmed] = field(default_factory=dict)  # by third-party layer
 
     def layer(self, name: str) -> Artifact:
         return self.artifacts[f"layer-{name}"]
 
     def function_totals(self) -> dict[str, dict[str, int]]:
-        """Per function: its own size, each layer's, and the totals Lambda's limit applies to."""
-        layers = [self.layer(n) for n in LAYERS]
+        """Per function: its code's size, each of *its* layers', and the totals Lambda's limit applies to."""
         totals: dict[str, dict[str, int]] = {}
-        for name in FUNCTIONS:
-            fn = self.artifacts[f"function-{name}"]
+        for name, fn in self.functions.items():
+            code = self.artifacts[f"function-{fn.code}"]
+            layers = [self.layer(n) for n in fn.layers]
             totals[name] = {
-                "unzipped": fn.unzipped,
-                "zipped": fn.zipped,
+                "unzipped": code.unzipped,
+                "zipped": code.zipped,
                 **{f"layer_{layer.name}": layer.unzipped for layer in layers},
-                "total_unzipped": fn.unzipped + sum(layer.unzipped for layer in layers),
-                "total_zipped": fn.zipped + sum(layer.zipped for layer in layers),
+                "total_unzipped": code.unzipped + sum(layer.unzipped for layer in layers),
+                "total_zipped": code.zipped + sum(layer.zipped for layer in layers),
             }
         return totals
 
@@ -403,15 +509,24 @@ class Report:
         return [n for n, t in self.function_totals().items() if t["total_unzipped"] > limit]
 
     def to_json(self) -> dict[str, object]:
+        functions = {
+            name: {
+                **t,
+                "logical_id": self.functions[name].logical_id,
+                "code": self.functions[name].code,
+                "layers": list(self.functions[name].layers),
+            }
+            for name, t in self.function_totals().items()
+        }
         return {
             "python_version": self.python_version,
             "arch": self.arch,
             "limit_bytes": int(self.limit_mib * MIB),
             "ok": not self.over_limit(),
             "layers": {n: {"unzipped": self.layer(n).unzipped, "zipped": self.layer(n).zipped} for n in LAYERS},
-            "functions": {name: {**t, "layers": list(LAYERS)} for name, t in self.function_totals().items()},
+            "functions": functions,
             "runtime_distributions": {n: asdict(d) for n, d in sorted(self.distributions.items())},
-            "trimmed": asdict(self.trimmed),
+            "trimmed": {n: asdict(t) for n, t in self.trimmed.items()},
         }
 
 
@@ -422,31 +537,33 @@ def mib(n: float) -> str:
 def format_report(report: Report) -> str:
     dists = report.distributions
     lines = [
-        f"runtime layer, python{report.python_version} {report.arch} (MiB unzipped)",
-        f"  {'distribution':<24}{'version':>14}{'before':>9}{'after':>9}",
+        f"runtime layers, python{report.python_version} {report.arch} (MiB unzipped)",
+        f"  {'distribution':<24}{'version':>14}{'before':>9}{'after':>9}  layer",
     ]
     for name in sorted(dists, key=lambda n: (-dists[n].before, n)):
         d = dists[name]
-        after = f"{'-':>9}  removed: {d.removed}" if d.removed else f"{mib(d.after):>9}"
+        after = f"{'-':>9}  removed: {d.removed}" if d.removed else f"{mib(d.after):>9}  {d.layer}"
         lines.append(f"  {name:<24}{d.version:>14}{mib(d.before):>9}{after}")
     before = sum(d.before for d in dists.values())
-    lines.append(f"  {'total':<24}{'':>14}{mib(before):>9}{mib(report.layer('runtime').unzipped):>9}")
-    t = report.trimmed
-    lines.append(f"  trimmed: {len(t.dirs)} folders and {len(t.files)} files, {mib(t.bytes)} MiB")
-    lines += ["", f"{'artifact':<22}{'unzipped':>10}{'zipped':>10}  (MiB)"]
+    after_all = sum(report.layer(n).unzipped for n in LAYER_REQUIREMENTS)
+    lines.append(f"  {'total':<24}{'':>14}{mib(before):>9}{mib(after_all):>9}")
+    for layer, t in report.trimmed.items():
+        lines.append(f"  trimmed from {layer}: {len(t.dirs)} folders and {len(t.files)} files, {mib(t.bytes)} MiB")
+    lines += ["", f"{'artifact':<24}{'unzipped':>10}{'zipped':>10}  (MiB)"]
     for art in report.artifacts.values():
-        lines.append(f"{art.kind + ' ' + art.name:<22}{mib(art.unzipped):>10}{mib(art.zipped):>10}")
+        lines.append(f"{art.kind + ' ' + art.name:<24}{mib(art.unzipped):>10}{mib(art.zipped):>10}")
+    width = max([len(n) for n in report.functions] + [len("function")]) + 2
     lines += [
         "",
-        f"{'function':<12}{'own':>8}"
-        + "".join(f"{'+' + n:>12}" for n in LAYERS)
-        + f"{'total':>10}{'zipped':>10}  (MiB; target {report.limit_mib:g} unzipped)",
+        f"{'function':<{width}}{'own':>8}"
+        + "".join(f"{'+' + n:>15}" for n in LAYERS)
+        + f"{'total':>10}{'zipped':>10}  (MiB; target {report.limit_mib:g} unzipped; - : not its layer)",
     ]
     for name, tot in report.function_totals().items():
         ok = "ok" if tot["total_unzipped"] <= report.limit_mib * MIB else "OVER"
         lines.append(
-            f"{name:<12}{mib(tot['unzipped']):>8}"
-            + "".join(f"{mib(tot['layer_' + n]):>12}" for n in LAYERS)
+            f"{name:<{width}}{mib(tot['unzipped']):>8}"
+            + "".join(f"{mib(tot['layer_' + n]) if 'layer_' + n in tot else '-':>15}" for n in LAYERS)
             + f"{mib(tot['total_unzipped']):>10}{mib(tot['total_zipped']):>10}  {ok}"
         )
     return "\n".join(lines)
@@ -457,8 +574,9 @@ def format_report(report: Report) -> str:
 # What the Lambda runtime itself puts on sys.path (/var/runtime): boto3 and its deps.
 LAMBDA_RUNTIME_MODULES = ("boto3", "botocore", "s3transfer", "dateutil", "six", "urllib3", "jmespath")
 
-# Run by the target interpreter with -I -S -B: nothing but the stdlib, the function, its
-# layers and a stand-in for /var/runtime on sys.path, in Lambda's order.
+# Run by the target interpreter with -I -S -B: nothing but the stdlib, the functions, the
+# layers and a stand-in for /var/runtime on sys.path, in Lambda's order. Every layer at once:
+# what the functions that run models see.
 SMOKE_SCRIPT = """
 import importlib, importlib.util, io, json, os, sys
 model, runtime_stub, *paths = sys.argv[1:]
@@ -501,6 +619,26 @@ print(json.dumps({"python": sys.version.split()[0], "onnxruntime": ort.__version
                   "numpy": np.__version__, "packages": sorted(ours)}))
 """
 
+# Then each function alone, as its Lambda lays it out: its code and only its own layers on
+# sys.path; every package and module they hold must import (nothing may need a layer the
+# function does not have).
+FUNCTION_SCRIPT = """
+import importlib, json, os, sys
+runtime_stub, *paths = sys.argv[1:]
+sys.path[:0] = paths
+sys.path.append(runtime_stub)
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "1")
+def importable(e):
+    return e.name.endswith(".py") or os.path.isfile(os.path.join(e.path, "__init__.py"))
+names = sorted({
+    e.name.removesuffix(".py") for path in paths for e in os.scandir(path)
+    if not e.name.startswith(("_", ".")) and importable(e)
+})
+for name in names:
+    importlib.import_module(name)
+print(json.dumps({"packages": len(names), "numpy": "numpy" in sys.modules}))
+"""
+
 
 def write_tiny_model(path: Path) -> Path:
     """A two-node ONNX graph (y = x @ ones(3, 2) + [1, 2]); needs the dev-only onnx package."""
@@ -536,17 +674,10 @@ def lambda_runtime_stub(dest: Path) -> Path:
     return dest
 
 
-def smoke_check(out: Path, python: str, workdir: Path) -> dict[str, object]:
-    """Import the built layers with ``python`` as Lambda would, run a session on a tiny
-    model, parse, tokenize, decode images; returns what the script reports."""
-    model = write_tiny_model(workdir / "smoke.onnx")
-    stub = lambda_runtime_stub(workdir / "var-runtime")
-    out = out.resolve()
-    paths = [out / "functions" / name for name in FUNCTIONS]
-    paths += [out / "layers" / layer / "python" for layer in LAYERS]
+def _run_check(python: str, script: str, args: Sequence[str], workdir: Path, what: str) -> dict[str, object]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir), "LANG": "C.UTF-8"}
     result = subprocess.run(
-        [python, "-I", "-S", "-B", "-c", SMOKE_SCRIPT, str(model), str(stub), *map(str, paths)],
+        [python, "-I", "-S", "-B", "-c", script, *args],
         capture_output=True,
         text=True,
         check=False,
@@ -555,16 +686,40 @@ def smoke_check(out: Path, python: str, workdir: Path) -> dict[str, object]:
         timeout=300,
     )
     if result.returncode != 0:
-        raise PackageError(f"smoke check with {python} failed:\n{result.stderr[-4000:]}")
+        raise PackageError(f"smoke check ({what}) with {python} failed:\n{result.stderr[-4000:]}")
     summary: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
     return summary
+
+
+def smoke_check(
+    out: Path, python: str, workdir: Path, functions: Mapping[str, LambdaFunction] | None = None
+) -> dict[str, object]:
+    """Import the built layers with ``python`` as Lambda would: all of them together run a
+    session on a tiny model, parse, tokenize, decode images; then each function's code with
+    only its own layers imports every package they hold. Returns what the scripts report."""
+    functions = functions if functions is not None else template_functions(REPO_ROOT / TEMPLATE)
+    model = write_tiny_model(workdir / "smoke.onnx")
+    stub = lambda_runtime_stub(workdir / "var-runtime")
+    out = out.resolve()
+    codes = sorted({fn.code for fn in functions.values()})
+    paths = [out / "functions" / code for code in codes]
+    paths += [out / "layers" / layer / "python" for layer in LAYERS]
+    summary = _run_check(python, SMOKE_SCRIPT, [str(model), str(stub), *map(str, paths)], workdir, "all layers")
+    alone: dict[str, object] = {}
+    for name, fn in functions.items():
+        paths = [out / "functions" / fn.code, *(out / "layers" / layer / "python" for layer in fn.layers)]
+        alone[name] = _run_check(python, FUNCTION_SCRIPT, [str(stub), *map(str, paths)], workdir, name)
+    return {**summary, "functions": alone}
 
 
 # --------------------------------------------------------------------------- build
 
 
-def pip_install_target(requirements: Path, dest: Path, *, python_version: str, arch: str, cache_dir: Path) -> None:
-    """Install the target runtime's wheels (never this interpreter's) into ``dest``."""
+def pip_install_target(
+    requirements: Sequence[Path], dest: Path, *, python_version: str, arch: str, cache_dir: Path
+) -> None:
+    """Install the target runtime's wheels (never this interpreter's) into ``dest``, every
+    requirements file in one resolution."""
     cmd = [
         sys.executable,
         "-m",
@@ -584,32 +739,46 @@ def pip_install_target(requirements: Path, dest: Path, *, python_version: str, a
         "--cache-dir",
         str(cache_dir),
         *[arg for p in PLATFORMS[arch] for arg in ("--platform", p)],
-        "-r",
-        str(requirements),
+        *[arg for r in requirements for arg in ("-r", str(r))],
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise PackageError(f"pip install for python{python_version} {arch} failed:\n{result.stderr}")
 
 
-def build_runtime_layer(
-    dest: Path, *, requirements: Path, python_version: str, arch: str, cache_dir: Path
-) -> tuple[dict[str, DistributionSize], Trimmed]:
-    """pip-install the target's wheels, drop unneeded distributions, trim files."""
-    pip_install_target(requirements, dest, python_version=python_version, arch=arch, cache_dir=cache_dir)
-    dists = read_distributions(dest)
-    sizes = {name: DistributionSize(d.version, d.size(dest)) for name, d in dists.items()}
-    reasons = {**LAMBDA_PROVIDED, **NOT_NEEDED_AT_RUNTIME}
-    keep = needed_distributions(
-        dists, read_requirements(requirements), target_environment(python_version, arch), reasons
+def build_runtime_layers(
+    dests: Mapping[str, Path],
+    *,
+    requirements: Mapping[str, Path],
+    staging: Path,
+    python_version: str,
+    arch: str,
+    cache_dir: Path,
+) -> tuple[dict[str, DistributionSize], dict[str, Trimmed]]:
+    """pip-install the target's wheels for every layer's requirements into ``staging`` at once,
+    move each needed distribution to the first layer (in ``requirements``' order) whose
+    requirements reach it, leave the rest out, trim each layer's files."""
+    pip_install_target(
+        list(requirements.values()), staging, python_version=python_version, arch=arch, cache_dir=cache_dir
     )
+    dists = read_distributions(staging)
+    sizes = {name: DistributionSize(d.version, d.size(staging)) for name, d in dists.items()}
+    reasons = {**LAMBDA_PROVIDED, **NOT_NEEDED_AT_RUNTIME}
+    layer_reqs = {layer: read_requirements(path) for layer, path in requirements.items()}
+    owner = assign_layers(dists, layer_reqs, target_environment(python_version, arch))
     for name, dist in dists.items():
-        if name not in keep:
-            remove_distribution(dest, dist)
+        if name in owner:
+            move_distribution(staging, dist, dests[owner[name]])
+            sizes[name].layer = owner[name]
+        else:
             sizes[name].removed = reasons.get(name, "only needed by removed distributions")
-    trimmed = trim_tree(dest)
-    for name in keep:
-        sizes[name].after = dists[name].size(dest)
+    shutil.rmtree(staging)
+    trimmed: dict[str, Trimmed] = {}
+    for layer, dest in dests.items():
+        dest.mkdir(parents=True, exist_ok=True)
+        trimmed[layer] = trim_tree(dest)
+    for name, layer in owner.items():
+        sizes[name].after = dists[name].size(dests[layer])
     return sizes, trimmed
 
 
@@ -649,21 +818,28 @@ def build(
     arch: str = "x86_64",
     cache_dir: Path | None = None,
     limit_mib: float = DEFAULT_LIMIT_MIB,
-    requirements: Path | None = None,
+    requirements: Mapping[str, Path] | None = None,
     compile_with: str | None = None,
 ) -> Report:
+    """Build every layer and function folder under ``out`` and zip them; ``requirements``
+    replaces the third-party layers' requirement files (default ``LAYER_REQUIREMENTS``)."""
     out = out.resolve()
     if out == root.resolve() or out in root.resolve().parents or out == Path(out.anchor):
         raise PackageError(f"refusing to clear {out}: choose a dedicated output folder")
+    functions = template_functions(root / TEMPLATE)
+    codes: dict[str, str] = {}
+    for fn in functions.values():
+        if codes.setdefault(fn.code, fn.code_uri) != fn.code_uri:
+            raise PackageError(f"two CodeUri folders are both named {fn.code!r}: {codes[fn.code]}, {fn.code_uri}")
     if out.exists():
         shutil.rmtree(out)
-    report = Report(python_version=python_version, arch=arch, limit_mib=limit_mib)
+    report = Report(python_version=python_version, arch=arch, limit_mib=limit_mib, functions=functions)
     zips = out / "zips"
 
-    runtime = out / "layers" / "runtime" / "python"
-    report.distributions, report.trimmed = build_runtime_layer(
-        runtime,
-        requirements=requirements or root / "requirements" / "runtime.txt",
+    report.distributions, report.trimmed = build_runtime_layers(
+        {layer: out / "layers" / layer / "python" for layer in LAYER_REQUIREMENTS},
+        requirements=requirements or {layer: root / rel for layer, rel in LAYER_REQUIREMENTS.items()},
+        staging=out / "pip-target",
         python_version=python_version,
         arch=arch,
         cache_dir=cache_dir or root / ".cache" / "pip-lambda",
@@ -671,11 +847,11 @@ def build(
     for layer, sources in LAYER_SOURCES.items():
         for src in sources:
             copy_package(root / src, out / "layers" / layer / "python" / Path(src).name)
-    for name in FUNCTIONS:
-        copy_function(root / "functions" / name, out / "functions" / name)
+    for code, code_uri in sorted(codes.items()):
+        copy_function(root / code_uri, out / "functions" / code)
 
     artifacts = [("layer", n, out / "layers" / n) for n in LAYERS]
-    artifacts += [("function", n, out / "functions" / n) for n in FUNCTIONS]
+    artifacts += [("function", code, out / "functions" / code) for code in sorted(codes)]
     if compile_with:
         precompile(compile_with, python_version, [path for _kind, _name, path in artifacts])
     for kind, name, path in artifacts:
@@ -708,7 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--check-with",
         metavar="PYTHON",
         help="an interpreter of the target version: import the built layers with it and run a "
-        "tiny model (needs the dev-only onnx package here)",
+        "tiny model, then each function with only its own layers (needs the dev-only onnx package here)",
     )
     args = parser.parse_args(argv)
     try:
@@ -727,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_with:
         with tempfile.TemporaryDirectory(prefix="sif-smoke-") as tmp:
             try:
-                summary = smoke_check(args.out, args.check_with, Path(tmp))
+                summary = smoke_check(args.out, args.check_with, Path(tmp), report.functions)
             except PackageError as exc:
                 print(f"package: {exc}", file=sys.stderr)
                 return 1

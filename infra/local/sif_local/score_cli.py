@@ -2,7 +2,7 @@
 
 POST /v1/batches, PUT the file to the presigned upload URL, poll GET /v1/batches/{id} with a
 progress bar, then download predictions.jsonl, errors.jsonl and manifest.json next to the file
-(`FILE.results/` unless --out says otherwise). Only the HTTP API and presigned URLs are used: no
+(`FILE.results/{batch id}/` unless --out says otherwise). Only the HTTP API and presigned URLs are used: no
 AWS credentials needed. The API URL and key come from --api-url / --key, else $SIF_API_URL /
 $SIF_KEY, else the running local stack's stack.json (its demo tenant).
 """
@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from sif_core.rows import detect_format, strip_format
+from sif_core.rows import detect_format
 
 POLL_S = 0.5
 BAR_WIDTH = 30
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a .jsonl or .csv file (optionally .gz)")
     parser.add_argument("--model", required=True, help="model name, e.g. all-minilm-l6-v2")
     parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="where results go (default: FILE.results/)")
+    parser.add_argument("--out", type=Path, default=None, help="where results go (default: FILE.results/{batch id}/)")
     parser.add_argument("--api-url", default=None, help="default: $SIF_API_URL or the local stack's")
     parser.add_argument("--key", default=None, help="API key (default: $SIF_KEY or the local stack's demo key)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the batch")
@@ -164,7 +164,9 @@ def score(args: argparse.Namespace, *, err: IO[str] | None = None) -> dict[str, 
             raise ScoreError(f"batch {batch['id']} did not finish within {args.timeout:.0f} s (last: {state})")
     finally:
         bar.done()
-    out: Path = args.out or path.with_name(strip_format(path.name) + ".results")
+    # Each run gets its own folder: FILE.results/{batch id}/ (the file's full name, so reviews.csv and
+    # reviews.jsonl never share one, and a second run never overwrites the first).
+    out: Path = args.out or path.with_name(path.name + ".results") / str(batch["id"])
     out.mkdir(parents=True, exist_ok=True)
     for field, name in (
         ("result_url", "predictions.jsonl"),

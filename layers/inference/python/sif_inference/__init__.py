@@ -1,11 +1,13 @@
-"""sif inference core: model registry, sessions, tokenization, preprocessing, batching.
+"""sif inference core: model registry, sessions, tokenization, preprocessing, batching, tasks.
 
 Pure compute: numpy and pydantic in and out, no AWS. Where models come from is a
 `ModelSource` the caller supplies (a local folder here, the models bucket in Lambda).
 """
 
+from sif_inference.b64 import decode_b64
 from sif_inference.embedder import EmbeddingResult, TextEmbedder
 from sif_inference.errors import (
+    BadInputError,
     ImageDecodeError,
     InferenceError,
     InputLimitError,
@@ -15,6 +17,7 @@ from sif_inference.errors import (
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import LoadedModel, ModelRegistry
 from sif_inference.sources import LocalDirSource, ModelSource
+from sif_inference.tasks import TASKS, BatchProfile, Task, TaskResult, task_for
 
 
 def __getattr__(name: str) -> object:
@@ -27,6 +30,9 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "TASKS",
+    "BadInputError",
+    "BatchProfile",
     "EmbeddingResult",
     "ImageClassifier",
     "ImageDecodeError",
@@ -39,5 +45,9 @@ __all__ = [
     "ModelNotFoundError",
     "ModelRegistry",
     "ModelSource",
+    "Task",
+    "TaskResult",
     "TextEmbedder",
+    "decode_b64",
+    "task_for",
 ]

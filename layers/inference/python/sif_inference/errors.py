@@ -23,3 +23,7 @@ class ImageDecodeError(InferenceError):
 
 class WrongTaskError(InferenceError):
     """A model used for a task it does not do (an image model asked for embeddings)."""
+
+
+class BadInputError(InferenceError, ValueError):
+    """An input the model cannot take as given: bad base64, text that is not valid Unicode, a wrong type."""

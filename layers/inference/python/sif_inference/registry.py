@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from sif_inference.errors import IntegrityError, ModelNotFoundError, WrongTaskEr
 from sif_inference.integrity import manifest_entry, require_sha256
 from sif_inference.manifest import ModelManifest
 from sif_inference.sources import ModelSource
+from sif_inference.tasks import Task, task_class, task_for
 from sif_inference.tokenization import TextTokenizer
 
 if TYPE_CHECKING:
@@ -99,6 +101,21 @@ class ModelRegistry:
                 future.set_exception(exc)
 
         threading.Thread(target=fetch, name=f"prefetch-{name}", daemon=True).start()
+
+    def task(
+        self,
+        name: str,
+        variant: str | None = None,
+        *,
+        kind: str | None = None,
+        labels: Sequence[str] | None = None,
+        template: str | None = None,
+    ) -> Task:
+        """The task a call means on model `name` (`kind`, else zero-shot with `labels`, else the model's own).
+
+        A model that cannot do it is a WrongTaskError before anything is loaded."""
+        task_class(self.manifest(name), kind, labels=labels)
+        return task_for(self.get(name, variant), kind, labels=labels, template=template)
 
     def embedder(self, name: str, variant: str | None = None) -> TextEmbedder:
         model = self.get(name, variant)

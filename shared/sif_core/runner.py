@@ -1,0 +1,256 @@
+"""Running one job or batch through the file engine: the same outputs, bill and events on every path.
+
+A `Work` is what to score (a byte source in a known format), for whom, with which model, into
+which results folder, billed under which id. The worker function (jobs), the scorer function (dropped
+files) and the GPU worker (either, routed to AWS Batch) all call `WorkRunner.score`, which drives
+`sif_core.scoring.score_file` with S3 outputs and an S3 checkpoint, and asks before every window
+whether to go on: not when the work was cancelled, not past the quota reserved for it (extended as
+it grows, while the tenant's quota allows), not after a bad row when the work is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sif_core.keys import OUTPUT_FILES, checkpoint_key, s3_uri
+from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle, WorkFailedError, short_error
+from sif_core.rows import ByteSource, FileFormatError, Format
+from sif_core.s3io import S3CheckpointStore, S3ResultSink, SourceChangedError
+from sif_core.scoring import Checkpoint, Deadline, Progress, ScoreConfig, file_model, score_file
+from sif_core.work import WorkRecord
+from sif_inference.errors import InferenceError
+from sif_metering.ledger import QuotaExceededError, Usage
+
+log = logging.getLogger("sif.runner")
+
+OnError = Literal["continue", "fail"]
+CANCEL_CHECK_EVERY_S = 2.0
+ROW_FAILED = "row_failed"
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit of work for the file engine."""
+
+    record: WorkRecord
+    source: ByteSource
+    fmt: Format
+    output_prefix: str
+    metering_id: str
+    variant: str | None = None
+    on_error: OnError = "continue"
+    describe: dict[str, Any] = field(default_factory=dict)  # the input, as the manifest states it
+
+    @property
+    def kind(self) -> str:
+        return self.record.kind
+
+
+@dataclass
+class Outcome:
+    status: Literal["succeeded", "failed", "cancelled", "continued", "skipped", "submitted"]
+    id: str
+    route: str = "cpu"
+    rows: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    segment: int = 0
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class DeadlineReached(Exception):
+    """The invocation is about to time out with the work unfinished; its checkpoint is saved."""
+
+    def __init__(self, next_segment: int, rows: int) -> None:
+        super().__init__(f"the invocation's time ran out after {rows} rows")
+        self.next_segment = next_segment
+
+
+class _Gate:
+    """Asked before each window: go on, or why to stop."""
+
+    def __init__(self, lifecycle: Lifecycle, work: Work) -> None:
+        self.lc = lifecycle
+        self.work = work
+        self.reserved = int(work.record.details.get("reserved", 0))
+        self.checked = time.monotonic()
+
+    def __call__(self, state: Checkpoint, rows: int) -> str | None:
+        if self.work.on_error == "fail" and state.failed:
+            return ROW_FAILED
+        now = time.monotonic()
+        if now - self.checked >= CANCEL_CHECK_EVERY_S:
+            self.checked = now
+            if self.lc.status(self.work.record) == "cancelled":
+                return "cancelled"
+        need = state.succeeded + rows
+        if self.lc.s.ledger is not None and need > self.reserved:
+            more = max(need - self.reserved, self.reserved // 4, rows)
+            try:
+                self.lc.extend(self.work.record, more, self.work.metering_id)
+            except QuotaExceededError:
+                return QUOTA_EXCEEDED
+            self.reserved += more
+            self.work.record.details["reserved"] = self.reserved
+            self.lc.update(self.work.record, details=self.work.record.details)
+        return None
+
+
+class WorkRunner:
+    def __init__(self, lifecycle: Lifecycle, config: ScoreConfig | None = None) -> None:
+        self.lc = lifecycle
+        self.s = lifecycle.s
+        self.config = config or ScoreConfig()
+
+    def sink(self, work: Work) -> S3ResultSink:
+        return S3ResultSink(self.s.s3, self.s.settings.results_bucket, work.output_prefix)
+
+    def checkpoints(self, work: Work) -> S3CheckpointStore:
+        return S3CheckpointStore(self.s.s3, self.s.settings.results_bucket, checkpoint_key(work.output_prefix))
+
+    def fail(self, work: Work, error: str | BaseException, *, reason: str | None = None) -> Outcome:
+        """The work failed as a whole: unfinished outputs dropped, a manifest that says why, nothing billed."""
+        message = short_error(error)
+        store = self.checkpoints(work)
+        state = store.load()
+        sink = self.sink(work)
+        if state is not None:
+            sink.abort(state.sink_state)
+            store.clear()
+        sink.write_manifest(
+            {
+                "kind": work.kind,
+                "id": work.record.id,
+                "tenant": work.record.tenant,
+                "status": "failed",
+                "reason": reason,
+                "error": message,
+                "model": work.record.model,
+                "input": work.describe,
+            }
+        )
+        work.record.output_prefix = work.output_prefix
+        self.lc.fail(work.record, message, reason=reason, metering_id=work.metering_id)
+        return Outcome("failed", work.record.id, work.record.route, reason=reason or message)
+
+    def score(self, work: Work, segment: int, deadline: Deadline, *, route: str) -> Outcome:
+        """Score `work` from its checkpoint until done or `deadline` (then DeadlineReached, checkpoint saved)."""
+        record = work.record
+        store = self.checkpoints(work)
+        checkpoint = store.load()
+        if checkpoint is not None and route == "gpu":
+            segment = max(segment, checkpoint.segment)  # the GPU worker takes whatever was left over
+        if checkpoint is not None and checkpoint.segment > segment:
+            return Outcome("skipped", record.id, route, segment=segment, reason=f"segment {checkpoint.segment} owns it")
+        current = self.lc.get(record)
+        if current is not None and current.status == "cancelled":
+            return self._cancelled_before_start(work, store, checkpoint)
+        self.lc.running(record, route)
+        try:
+            model = file_model(self.s.models, record.model, work.variant)
+        except InferenceError as exc:
+            return self.fail(work, exc)
+        meta = {"kind": work.kind, "id": record.id, "tenant": record.tenant, "route": route, **work.describe}
+
+        def progress(p: Progress) -> None:
+            self.lc.progress(record, p.rows, p.succeeded, p.failed, p.fraction)
+
+        started = time.monotonic()
+        try:
+            summary = score_file(
+                work.source,
+                work.fmt,
+                model,
+                self.sink(work),
+                store,
+                checkpoint=checkpoint,
+                deadline=deadline,
+                segment=segment,
+                meta=meta,
+                config=self.config,
+                progress=progress,
+                gate=_Gate(self.lc, work),
+            )
+        except FileFormatError as exc:
+            return self.fail(work, exc, reason="bad_file")
+        except WorkFailedError as exc:
+            return self.fail(work, exc, reason=exc.reason)
+        state = summary.checkpoint
+        if not summary.done:
+            raise DeadlineReached(summary.next_segment, state.rows)
+        wall_s = time.monotonic() - started
+        usage = Usage(
+            tenant=record.tenant,
+            model=record.model,
+            request_id=work.metering_id,
+            inputs=state.succeeded,
+            tokens=state.tokens,
+            pixels=state.pixels,
+            compute_ms=int(state.compute_ms),
+            gpu_ms=int(wall_s * 1000) if route == "gpu" else 0,
+        )
+        counts = {"rows": state.rows, "succeeded": state.succeeded, "failed": state.failed}
+        outcome = Outcome("succeeded", record.id, route, state.rows, state.succeeded, state.failed, segment)
+        if work.on_error == "fail" and state.failed:
+            first = _first_error(self.s.s3, self.s.settings.results_bucket, work.output_prefix)
+            outcome = self.fail(work, f"{state.failed} row(s) failed and on_error is 'fail'; first: {first}")
+            outcome.reason = ROW_FAILED
+        elif state.stopped == "cancelled":
+            self.lc.stopped(
+                record,
+                usage,
+                status="cancelled",
+                error=None,
+                reason="cancelled",
+                output_prefix=work.output_prefix,
+                **counts,
+            )
+            outcome.status, outcome.reason = "cancelled", "cancelled"
+        elif state.stopped:
+            error = f"stopped after {state.rows} rows: {state.stopped}"
+            self.lc.stopped(
+                record,
+                usage,
+                status="failed",
+                error=error,
+                reason=state.stopped,
+                output_prefix=work.output_prefix,
+                **counts,
+            )
+            outcome.status, outcome.reason = "failed", state.stopped
+        else:
+            details = {
+                "tokens": state.tokens,
+                "truncated": state.truncated,
+                "segments": state.segment + 1,
+                "manifest": s3_uri(self.s.settings.results_bucket, work.output_prefix + OUTPUT_FILES["manifest"]),
+                "duration_s": (summary.manifest or {}).get("duration_s"),
+            }
+            self.lc.succeed(record, usage, output_prefix=work.output_prefix, details=details, **counts)
+        store.clear()
+        log.info("%s %s: %s (%d rows, %d failed)", work.kind, record.id, outcome.status, state.rows, state.failed)
+        return outcome
+
+    def _cancelled_before_start(self, work: Work, store: S3CheckpointStore, checkpoint: Checkpoint | None) -> Outcome:
+        if checkpoint is not None:
+            self.sink(work).abort(checkpoint.sink_state)
+            store.clear()
+        self.lc.release(work.record, work.metering_id)
+        return Outcome("cancelled", work.record.id, work.record.route, reason="cancelled before it ran")
+
+
+def _first_error(s3: Any, bucket: str, prefix: str) -> str:
+    try:
+        body = s3.get_object(Bucket=bucket, Key=prefix + OUTPUT_FILES["errors"], Range="bytes=0-2047")["Body"].read()
+    except Exception:  # noqa: BLE001 - only a hint for the error message
+        return "see errors.jsonl"
+    return body.decode("utf-8", "replace").split("\n", 1)[0] or "see errors.jsonl"
+
+
+__all__ = ["DeadlineReached", "Outcome", "SourceChangedError", "Work", "WorkRunner"]
