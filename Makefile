@@ -15,7 +15,7 @@ export MPLCONFIGDIR := $(abspath .cache/mpl)
 
 .PHONY: up test venv models lint typecheck cfn-lint unit integration e2e package bench deploy clean
 
-$(STAMP): pyproject.toml requirements/runtime.txt requirements/dev.txt
+$(STAMP): pyproject.toml requirements/runtime-base.txt requirements/runtime-ml.txt requirements/runtime.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first (build and baseline only), so nothing pulls a CUDA build.

@@ -138,6 +138,11 @@ def check_instances(manifest: ModelManifest, instances: list[Any]) -> None:
             raise JobInputError(f'instances[{i}]: expected a string (or a row with "text")')
         if not text and not (isinstance(value, dict) and isinstance(value.get("b64"), str)):
             raise JobInputError(f'instances[{i}]: expected {{"b64": "..."}}')
+        field = value if isinstance(value, str) else value.get("text" if text else "b64")
+        try:
+            field.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise JobInputError(f"instances[{i}]: text is not valid Unicode (a lone surrogate at {exc.start})") from exc
 
 
 def check_input_uri(uri: str, tenant: str, *, inbox_bucket: str, results_bucket: str) -> tuple[str, str]:

@@ -21,9 +21,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Literal, Protocol
-
-from sif_inference.b64 import decode_b64  # the one base64 decoder; re-exported for jobs
+from typing import IO, Any, Literal, Protocol
 
 Format = Literal["jsonl", "csv", "jsonl.gz", "csv.gz"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv", "jsonl.gz", "csv.gz")
@@ -478,6 +476,16 @@ def open_rows(
     return RowReader(source, fmt, field, start, max_row_bytes=max_row_bytes)
 
 
+def __getattr__(name: str) -> Any:
+    # The one base64 decoder is the inference core's (sif_inference.b64); re-exported for callers
+    # that import it from here, on first use: reading rows needs no inference core.
+    if name == "decode_b64":
+        from sif_inference.b64 import decode_b64
+
+        return decode_b64
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FORMATS",
     "MAX_ROW_BYTES",
@@ -491,7 +499,6 @@ __all__ = [
     "Position",
     "Row",
     "RowReader",
-    "decode_b64",
     "detect_format",
     "open_rows",
     "strip_format",

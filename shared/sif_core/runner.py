@@ -156,7 +156,9 @@ class WorkRunner:
             model = file_model(self.s.models, record.model, work.variant)
         except InferenceError as exc:
             return self.fail(work, exc)
-        meta = {"kind": work.kind, "id": record.id, "tenant": record.tenant, "route": route, **work.describe}
+        provider = self.s.models.get(record.model, work.variant).session.get_providers()[0]
+        meta = {"kind": work.kind, "id": record.id, "tenant": record.tenant, "route": route, "provider": provider}
+        meta.update(work.describe)
 
         def progress(p: Progress) -> None:
             self.lc.progress(record, p.rows, p.succeeded, p.failed, p.fraction)

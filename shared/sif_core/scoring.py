@@ -463,6 +463,7 @@ def build_manifest(state: Checkpoint, model: FileModel, meta: dict[str, Any] | N
         "status": status,
         "reason": state.stopped,
         "route": source.pop("route", None),
+        "provider": source.pop("provider", None),
         "model": manifest.name,
         "version": manifest.version,
         "variant": model.variant,

@@ -6,8 +6,8 @@ so a leaked table cannot be replayed against the API.
 `monthly_calls` is the tenant's monthly quota in units: one input (a text, an image, a file row)
 is one unit; 0 = unlimited. The name stays for compatibility (the CLI's `--monthly-calls`, the
 authorizer context). A record without the field, or with a value that is not an integer, reads as
-`monthly_calls=None`: no quota configured, which fails closed (the authorizer passes metering's
-NO_QUOTA and every quota check refuses it), never as 0 = unlimited.
+`monthly_calls=None`: no quota configured, which fails closed (the authorizer passes NO_QUOTA and
+every quota check refuses it), never as 0 = unlimited.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from typing import Any
 from pydantic import BaseModel
 
 KEY_PREFIX = "sif_"
+# The quota a tenant without one travels with (authorizer context, the API's Caller): metering
+# refuses every negative limit (sif_metering.NO_QUOTA is the same value; the authorizer does not
+# load the metering package, whose pricing pulls in the inference core).
+NO_QUOTA = -1
 
 
 class Tenant(BaseModel):

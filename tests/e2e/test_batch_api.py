@@ -137,7 +137,8 @@ def test_sif_score_uploads_shows_progress_and_downloads(
     code = cli.main(["score", str(source), "--model", MODEL, "--api-url", scoring, "--key", client.key])
     out, err = capsys.readouterr()
     assert code == 0, err
-    results = tmp_path / "reviews.results"
+    (results,) = (tmp_path / "reviews.csv.results").iterdir()  # one folder per run: FILE.results/{batch id}/
+    assert results.name.startswith("b_")
     assert out.strip() == str(results / "predictions.jsonl")
     assert "%" in err and "300 scored, 1 failed" in err
     predictions = [json.loads(line) for line in (results / "predictions.jsonl").read_text().splitlines()]

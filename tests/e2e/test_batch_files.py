@@ -342,7 +342,7 @@ def test_big_image_files_go_to_the_gpu_queue(inbox: Inbox) -> None:
     assert all(set(p["prediction"]) == {"sfw", "nsfw"} for p in preds)
     (error,) = inbox.lines(file, "errors.jsonl")
     assert error["line"] == 4 and error["id"] == "broken" and error["error"].startswith("undecodable image")
-    assert inbox.manifest(file)["input"]["route"] == "gpu"
+    assert inbox.manifest(file)["route"] == "gpu"
 
 
 def test_objects_outside_incoming_and_results_never_trigger(inbox: Inbox) -> None:

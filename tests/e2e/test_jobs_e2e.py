@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from sif_core.jobs import verify_signature
+from sif_core.callbacks import verify_signature
 from sif_core.settings import Settings
 from sif_core.work import WorkRecord, WorkStore
 from sif_local.cli import main as sif
@@ -193,17 +193,26 @@ def test_job_put_straight_on_the_queue(running: Jobs, tenant: tuple[str, Client]
     assert [r["id"] for r in predictions(status["output_url"])] == [0, 1, 2]
 
 
-def test_unreadable_inputs_fail_with_their_reason(running: Jobs, tenant: tuple[str, Client]) -> None:
+def test_unreadable_inputs_fail_with_their_reason_and_bad_rows_only_themselves(
+    running: Jobs, tenant: tuple[str, Client]
+) -> None:
     tenant_id, client = tenant
     inbox = running.stack.bucket("inbox")
-    key = f"incoming/{tenant_id}/jobs-input/{uuid.uuid4().hex[:8]}.jsonl"
+    key = f"uploads/{tenant_id}/{uuid.uuid4().hex[:8]}.jsonl"
     running.stack.client("s3").put_object(Bucket=inbox, Key=key, Body=b'{"id": 1, "text": "ok"}\n{"id": 2, "text": ')
     missing, bad_rows = f"j_missing{uuid.uuid4().hex[:8]}", f"j_badrows{uuid.uuid4().hex[:8]}"
     for job_id, uri in ((missing, f"s3://{inbox}/{key}.nope"), (bad_rows, f"s3://{inbox}/{key}")):
         send_job(running, {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"s3_uri": uri}})
-    failed_missing, failed_rows = client.wait(missing), client.wait(bad_rows)
-    assert failed_missing["status"] == "failed" and "NoSuchKey" in failed_missing["error"]
-    assert failed_rows["status"] == "failed" and failed_rows["error"].startswith("line 2: bad JSON")
+    failed_missing, with_bad_row = client.wait(missing), client.wait(bad_rows)
+    assert failed_missing["status"] == "failed" and "unknown format" in failed_missing["error"]
+    assert with_bad_row["status"] == "succeeded" and with_bad_row["rows"] == 2, with_bad_row
+    assert [r["id"] for r in predictions(with_bad_row["output_url"])] == [1]
+    gone = f"j_gone{uuid.uuid4().hex[:8]}"
+    send_job(
+        running, {"id": gone, "tenant": tenant_id, "model": MODEL, "input": {"s3_uri": f"s3://{inbox}/{key}x.jsonl"}}
+    )
+    failed_gone = client.wait(gone)
+    assert failed_gone["status"] == "failed" and "404" in failed_gone["error"], failed_gone
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +303,7 @@ def test_gpu_route_job_runs_through_batch_and_the_local_executor(running: Jobs) 
     assert_matches_reference(predictions(status["output_url"]))
     manifest = requests.get(status["manifest_url"], timeout=30).json()
     assert manifest["route"] == "gpu" and manifest["provider"] == "CPUExecutionProvider"
-    assert manifest["pipeline"]["rows_per_s"] > 0
+    assert manifest["kind"] == "job" and manifest["status"] == "succeeded"
 
     record = work_record(running, tenant_id, accepted["id"])
     batch = running.stack.client("batch")
@@ -383,7 +392,8 @@ def test_cpu_job_that_outgrows_the_worker_is_handed_to_the_gpu_queue(
     running: Jobs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The worker function's own code path, in-process, with an invocation whose time is already up."""
-    from sif_core.jobs import JobMessage, JobRunner, JobServices
+    from sif_core.jobs import JobMessage, Jobs
+    from sif_core.lifecycle import CoreServices, Lifecycle
     from sif_core.model_store import S3ModelSource
     from sif_core.scoring import Deadline
     from sif_inference.registry import ModelRegistry
@@ -392,14 +402,16 @@ def test_cpu_job_that_outgrows_the_worker_is_handed_to_the_gpu_queue(
         monkeypatch.setenv(name, value)
     stack, settings = running.stack, Settings.from_env()
     s3 = stack.client("s3")
-    runner = JobRunner(
-        JobServices(
-            settings=settings,
-            s3=s3,
-            store=WorkStore(stack.table("WorkTable")),
-            ledger=UsageLedger(stack.client("dynamodb"), settings.usage_table),
-            registry=ModelRegistry(S3ModelSource(s3, settings.models_bucket), tmp_path),
-            batch=stack.client("batch"),
+    runner = Jobs(
+        Lifecycle(
+            CoreServices(
+                settings=settings,
+                s3=s3,
+                store=WorkStore(stack.table("WorkTable")),
+                ledger=UsageLedger(stack.client("dynamodb"), settings.usage_table),
+                registry=ModelRegistry(S3ModelSource(s3, settings.models_bucket), tmp_path),
+                batch=stack.client("batch"),
+            )
         )
     )
     tenant_id, client = new_tenant(running)
@@ -411,5 +423,5 @@ def test_cpu_job_that_outgrows_the_worker_is_handed_to_the_gpu_queue(
     status = client.wait(job.id, timeout_s=120)
     assert status["status"] == "succeeded" and status["route"] == "gpu" and status["rows"] == 1100, status
     record = work_record(running, tenant_id, job.id)
-    assert record.details["handed_off"].startswith("the worker function's time ran out after 1024 rows")
+    assert record.details["handed_off"].startswith("the invocation's time ran out after 1024 rows")
     assert client.usage()["total"]["calls"] == 1

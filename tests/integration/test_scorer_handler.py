@@ -64,7 +64,8 @@ def scorer(local_stack: LocalStack) -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def tenant(local_stack: LocalStack) -> Iterator[str]:
-    tenant = f"t_handler{uuid.uuid4().hex[:6]}"
+    info, _ = local_stack.create_tenant(f"handler-{uuid.uuid4().hex[:6]}", monthly_calls=0)  # unlimited
+    tenant = str(info["tenant_id"])
     yield tenant
     # the notifications moto queued for our own uploads: nobody else should ever receive them
     sqs, queue = local_stack.client("sqs"), local_stack.ref("InboxQueue")
@@ -222,7 +223,7 @@ def test_the_last_receive_marks_the_batch_failed_before_the_dlq(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the models bucket is down")
 
-    monkeypatch.setattr(scorer.runner, "handle", broken)
+    monkeypatch.setattr(scorer.batches, "handle", broken)
     event = s3_event(load_event, file)
     message_id = event["Records"][0]["messageId"]
     event["Records"][0]["attributes"]["ApproximateReceiveCount"] = "4"

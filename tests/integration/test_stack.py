@@ -36,8 +36,12 @@ CONTRACT_ROUTES = {
     ("POST", "/v1/models/{name}/predict"): "SifAuthorizer",
     ("POST", "/v1/batches"): "SifAuthorizer",
     ("GET", "/v1/batches/{id}"): "SifAuthorizer",
+    ("GET", "/v1/batches"): "SifAuthorizer",
+    ("POST", "/v1/batches/{id}/cancel"): "SifAuthorizer",
     ("POST", "/v1/jobs"): "SifAuthorizer",
     ("GET", "/v1/jobs/{id}"): "SifAuthorizer",
+    ("GET", "/v1/jobs"): "SifAuthorizer",
+    ("POST", "/v1/jobs/{id}/cancel"): "SifAuthorizer",
     ("GET", "/v1/usage"): "SifAuthorizer",
 }
 
@@ -90,7 +94,13 @@ def test_template_functions_and_routes() -> None:
     assert functions["ApiFunction"].handler == "sif_api.handler.lambda_handler"
     assert functions["ApiFunction"].timeout == 29
     assert functions["ApiFunction"].runtime == "python3.12"
-    assert functions["ApiFunction"].layers == ("RuntimeLayer", "InferenceLayer", "MeteringLayer")
+    assert functions["ApiFunction"].layers == (
+        "BaseRuntimeLayer",
+        "MlRuntimeLayer",
+        "InferenceLayer",
+        "CoreLayer",
+        "MeteringLayer",
+    )
     assert functions["ApiFunction"].environment["SIF_MODELS_BUCKET"] == "sif-local-modelsbucket"
     assert functions["ApiFunction"].environment["POWERTOOLS_SERVICE_NAME"] == "sif-api"  # function beats Globals
     for spec in functions.values():

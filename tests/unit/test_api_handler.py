@@ -242,3 +242,47 @@ def test_a_failing_dependency_is_500(invoke: Invoke, handler: ModuleType) -> Non
     error = assert_error(result, 500, "internal_error")
     assert error["request_id"] == "req-500" and "req-500" in error["message"]
     assert "no-such-table" not in json.dumps(result[2])
+
+
+# ---------------------------------------------------------------- the task layer behind the routes
+def test_predict_takes_what_files_take_and_answers_the_same_numbers(
+    invoke: Invoke, handler: ModuleType, load_event: Callable[[str], dict]
+) -> None:
+    from sif_api import service
+
+    event_body = json.loads(load_event("api_predict_image")["body"])
+    b64 = event_body["instances"][0]["b64"]
+    url_safe = base64.urlsafe_b64encode(base64.b64decode(b64)).decode().rstrip("=")
+    bodies = [{"instances": [{"b64": "data:image/png;base64," + b64}]}, {"instances": [{"b64": url_safe}]}]
+    answers = []
+    for body in bodies:
+        status, _, answer = invoke("api_predict_image", body=body)
+        assert status == 200, answer
+        answers.append(answer["predictions"][0])
+    assert answers[0] == answers[1]
+    task = service.get_service().registry.task("open-nsfw")
+    file_line = task.dumps_all(task.predict([b64]).predictions)[0]  # what a file row gets
+    assert json.loads(file_line) == answers[0]["scores"]
+
+    status, _, text = invoke("api_embeddings", body={"model": MODEL, "input": "hello", "encoding_format": "float"})
+    assert status == 200
+    embedding = text["data"][0]["embedding"]
+    text_task = service.get_service().registry.task(MODEL)
+    assert embedding == json.loads(text_task.dumps_all(text_task.predict(["hello"]).predictions)[0])
+    assert max(len(repr(abs(x)).split("e")[0].replace(".", "").strip("0")) for x in embedding) <= 7
+
+
+def test_bad_inputs_are_4xx_not_500(invoke: Invoke) -> None:
+    error = assert_error(invoke("api_embeddings", body={"model": MODEL, "input": ["ok", "a\ud800b"]}), 400)
+    assert error["type"] == "bad_request" and error["message"].startswith("input 1: text is not valid Unicode")
+    predict = {"instances": ["ok", "\udfff"]}
+    assert_error(invoke("api_predict_text", body=predict), 400, "bad_request")
+    not_b64 = {"instances": [{"b64": "this is not base64!"}]}
+    assert_error(invoke("api_predict_image", body=not_b64), 400, "bad_request")
+    assert_error(invoke("api_predict_image", body={"instances": ["a text"]}), 400, "wrong_task")
+    duplicates = {"instances": ["x"], "parameters": {"labels": ["a", "a"]}}
+    assert_error(invoke("api_predict_text", body=duplicates), 400, "bad_request")
+    too_long = {"model": MODEL, "input": ["ok", "y" * 20_001]}
+    assert assert_error(invoke("api_embeddings", body=too_long), 413, "input_too_large")["message"].startswith(
+        "input 1: text has 20001 characters"
+    )

@@ -1,13 +1,10 @@
-"""Jobs without AWS: the message schema and its samples, input rows, callbacks and their signature,
-Batch state-change events, the GPU worker's overlapped pipeline and the local Batch executor's rules."""
+"""Jobs without AWS: the message schema and its samples, inputs, bucket keys, callbacks and their signature,
+Batch state-change events and the local Batch executor's rules."""
 
 from __future__ import annotations
 
 import base64
-import gzip
-import io
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,26 +12,21 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from sif_core import keys
+from sif_core.batch_events import BatchJobStateChange, work_from_spec_uri
+from sif_core.callbacks import CallbackPolicy, callback_policy_for, deliver_callback, sign, verify_signature
 from sif_core.jobs import (
-    BatchJobStateChange,
-    CallbackPolicy,
-    ChunkResult,
-    InputRow,
     JobInputError,
     JobMessage,
-    callback_policy_for,
-    deliver_callback,
+    check_input_uri,
+    check_instances,
     describe_error,
-    instance_rows,
-    iter_file_rows,
+    instances_jsonl,
     loose_identity,
-    sign,
-    verify_signature,
-    work_from_spec_uri,
 )
 from sif_core.routing import GpuJobSpec
+from sif_core.rows import BytesSource, Row, open_rows
 from sif_core.settings import Settings
-from sif_gpu_worker.pipeline import run_pipeline
 from sif_inference.manifest import ModelManifest
 from sif_local.batch_executor import local_command, pattern_matches, resolve_command, retry_decision
 
@@ -122,47 +114,55 @@ def test_callbacks_need_a_secret_and_a_public_host_outside_the_local_stack() -> 
     assert deliver_callback("http://127.0.0.1:1/hook", {"id": "j"}, "s", post=post, policy=local)
 
 
-# ---------------------------------------------------------------------- input rows
-def test_instances_become_rows_with_their_index() -> None:
-    rows = instance_rows(MINILM, ["a", "b"])
-    assert [(r.id, r.value) for r in rows] == [(0, "a"), (1, "b")]
+# ---------------------------------------------------------------------- inputs
+def test_instances_are_checked_at_the_door_and_read_as_the_jsonl_they_describe() -> None:
+    check_instances(MINILM, ["a", {"text": "b"}])
     with pytest.raises(JobInputError, match=r"instances\[1\]: expected a string"):
-        instance_rows(MINILM, ["a", 2])
+        check_instances(MINILM, ["a", 2])
     png = base64.b64encode(b"\x89PNG").decode()
-    assert instance_rows(NSFW, [{"b64": png}])[0].value == b"\x89PNG"
-    with pytest.raises(JobInputError, match="not valid base64"):
-        instance_rows(NSFW, [{"b64": "***"}])
-    with pytest.raises(JobInputError, match="characters; the limit"):
-        instance_rows(MINILM, ["x" * 20001])
+    check_instances(NSFW, [{"b64": png}])
+    with pytest.raises(JobInputError, match=r'instances\[0\]: expected \{"b64"'):
+        check_instances(NSFW, ["not an image"])
+    data = instances_jsonl(["a", {"text": "b"}, {"b64": png}])
+    assert data.decode().splitlines() == [
+        '{"id": 0, "text": "a"}',
+        '{"id": 1, "text": "b"}',
+        f'{{"id": 2, "b64": "{png}"}}',
+    ]
+    with open_rows(BytesSource(data), "jsonl", "text") as reader:
+        rows = list(reader)
+    assert [(r.id, r.value) for r in rows[:2] if isinstance(r, Row)] == [(0, "a"), (1, "b")]
 
 
-def rows_of(data: bytes, key: str) -> list[tuple[Any, Any]]:
-    return [(r.id, r.value) for r in iter_file_rows(MINILM, io.BytesIO(data), key)]
+def test_a_job_reads_its_own_uploads_or_results_never_a_dropped_file() -> None:
+    buckets = {"inbox_bucket": "inbox", "results_bucket": "results"}
+    assert check_input_uri("s3://inbox/uploads/t_1/x.jsonl", "t_1", **buckets) == ("inbox", "uploads/t_1/x.jsonl")
+    assert check_input_uri("s3://results/results/t_1/m/j_1/predictions.jsonl", "t_1", **buckets)[0] == "results"
+    with pytest.raises(JobInputError, match="scored as batches when they arrive"):
+        check_input_uri("s3://inbox/incoming/t_1/m/x.jsonl", "t_1", **buckets)
+    for uri in (
+        "s3://inbox/uploads/t_2/x.jsonl",
+        "s3://models/models/m/1/model.onnx",
+        "s3://inbox/uploads/t_1/../t_2/x",
+    ):
+        with pytest.raises(JobInputError):
+            check_input_uri(uri, "t_1", **buckets)
 
 
-def test_file_rows_jsonl_csv_and_gzip() -> None:
-    jsonl = b'{"id": "a", "text": "one"}\n\n{"id": 2, "text": "two"}\n'
-    assert rows_of(jsonl, "x.jsonl") == [("a", "one"), (2, "two")]
-    assert rows_of(gzip.compress(jsonl), "x.jsonl.gz") == [("a", "one"), (2, "two")]
-    csv_data = b'id,text\na,"one, with a comma"\nb,two\n'
-    assert rows_of(csv_data, "x.csv") == [("a", "one, with a comma"), ("b", "two")]
-
-
-@pytest.mark.parametrize(
-    ("data", "key", "message"),
-    [
-        (b'{"id": 1, "text": "ok"}\n{"id": 2, "text": \n', "x.jsonl", "line 2: bad JSON"),
-        (b'{"id": 1, "text": "ok"}\n{"text": "no id"}\n', "x.jsonl", "line 2: missing field 'id'"),
-        (b'{"id": 1, "text": 5}\n', "x.jsonl", "line 1: field 'text' must be a string"),
-        (b"name,body\nx,y\n", "x.csv", "CSV header has no 'id' or 'text' column"),
-        (b"", "x.jsonl", "has no rows"),
-        (b"abc", "x.parquet", "unknown format"),
-        (b"not gzip", "x.jsonl.gz", "not a valid gzip file"),
-    ],
-)
-def test_bad_files_fail_the_job_with_the_reason(data: bytes, key: str, message: str) -> None:
-    with pytest.raises(JobInputError, match=message):
-        rows_of(data, key)
+def test_results_folders_never_collide() -> None:
+    csv = keys.batch_results_prefix("t_1", "m", "reviews.csv.gz", '"abc"')
+    jsonl = keys.batch_results_prefix("t_1", "m", "reviews.jsonl", "abc")
+    again = keys.batch_results_prefix("t_1", "m", "reviews.csv.gz", "def-2")
+    assert len({csv, jsonl, again}) == 3
+    assert csv == "results/t_1/m/reviews.csv.gz/abc/"
+    assert keys.dropped_batch_id("inbox", "incoming/t_1/m/a.jsonl", "e1") != keys.dropped_batch_id(
+        "inbox", "incoming/t_1/m/a.jsonl", "e2"
+    )
+    assert keys.InboxKey.parse("incoming/t_1/m/sub/a.jsonl").name == "sub/a.jsonl"
+    for bad in ("incoming/t_1/m/../x.jsonl", "incoming/../m/x.jsonl", "results/t_1/m/x.jsonl", "incoming/t_1/x.jsonl"):
+        with pytest.raises(keys.KeyFormatError):
+            keys.InboxKey.parse(bad)
+    assert keys.parse_spec_key(keys.spec_key("batch", "t_1", "b_1")) == ("t_1", "batch", "b_1")
 
 
 # ---------------------------------------------------------------------- callbacks
@@ -233,54 +233,6 @@ def test_batch_state_change_samples_parse() -> None:
     assert work == ("t_0123456789abcdef", "job", "j_9a8b7c6d5e4f3a2b1c0d")
     succeeded = BatchJobStateChange.model_validate(event("batch_job_state_change"))
     assert succeeded.detail.status == "SUCCEEDED"
-
-
-# ---------------------------------------------------------------------- the GPU worker's pipeline
-def test_pipeline_keeps_order_and_overlaps_the_stages() -> None:
-    def slow_rows() -> Any:
-        for i in range(40):
-            if i % 4 == 0:
-                time.sleep(0.04)  # reading one 4-row chunk takes 40 ms
-            yield InputRow(i, f"t{i}")
-
-    def predict(values: list[Any]) -> ChunkResult:
-        time.sleep(0.04)
-        return ChunkResult([v.upper() for v in values], tokens=len(values))
-
-    written: list[tuple[Any, Any]] = []
-
-    def sink(ids: list[Any], preds: list[Any]) -> None:
-        time.sleep(0.04)
-        written.extend(zip(ids, preds, strict=True))
-
-    started = time.perf_counter()
-    stats = run_pipeline(slow_rows(), predict, sink, chunk_items=4, depth=2)
-    elapsed = time.perf_counter() - started
-    assert written == [(i, f"T{i}") for i in range(40)]
-    assert stats.rows == 40 and stats.chunks == 10 and stats.tokens == 40
-    assert elapsed < 0.9, f"stages did not overlap: {elapsed:.2f} s (serial would be 1.2 s)"
-
-
-@pytest.mark.parametrize("stage", ["reader", "compute", "writer"])
-def test_pipeline_surfaces_the_first_error(stage: str) -> None:
-    def rows() -> Any:
-        for i in range(100):
-            if stage == "reader" and i == 50:
-                raise JobInputError("line 51: not JSON")
-            yield InputRow(i, i)
-
-    def predict(values: list[Any]) -> ChunkResult:
-        if stage == "compute" and values[0] >= 40:
-            raise RuntimeError("compute broke")
-        return ChunkResult(values)
-
-    def sink(ids: list[Any], preds: list[Any]) -> None:
-        if stage == "writer" and ids[0] >= 30:
-            raise OSError("disk full")
-
-    with pytest.raises((JobInputError, RuntimeError, OSError)):
-        run_pipeline(rows(), predict, sink, chunk_items=10, depth=1)
-    assert not [t for t in threading.enumerate() if t.name in ("sif-reader", "sif-writer") and t.is_alive()]
 
 
 # ---------------------------------------------------------------------- the local Batch executor's rules

@@ -1,7 +1,7 @@
 """`make package` (sif_local.package): dependency pruning, trimming, zips, size accounting.
 
 All but the last test work on fake trees and need no network. The last one builds the
-real runtime layer for *this* interpreter (the Lambda build targets 3.12, which cannot be
+real runtime layers for *this* interpreter (the Lambda build targets 3.12, which cannot be
 imported here), trimmed by the same rules, and imports it as Lambda would.
 """
 
@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -94,11 +95,16 @@ def test_remove_distribution_deletes_only_its_record(tmp_path: Path) -> None:
     assert "googleapis" in pkg.read_distributions(tmp_path)
 
 
-def test_read_requirements_of_the_runtime_layer() -> None:
-    reqs = {r.name: r for r in pkg.read_requirements(REPO / "requirements" / "runtime.txt")}
-    assert {"onnxruntime", "tokenizers", "numpy", "pillow", "pydantic", "aws-lambda-powertools"} <= set(reqs)
-    assert reqs["aws-lambda-powertools"].extras == {"tracer", "parser"}
-    assert not {"boto3", "botocore"} & set(reqs)
+def test_read_requirements_of_the_runtime_layers() -> None:
+    base = {r.name: r for r in pkg.read_requirements(REPO / pkg.LAYER_REQUIREMENTS["runtime-base"])}
+    ml = {r.name: r for r in pkg.read_requirements(REPO / pkg.LAYER_REQUIREMENTS["runtime-ml"])}
+    assert set(base) == {"pydantic", "pydantic-settings", "aws-lambda-powertools"}
+    assert base["aws-lambda-powertools"].extras == {"tracer", "parser"}
+    assert set(ml) == {"onnxruntime", "tokenizers", "numpy", "pillow"}
+    # runtime.txt (what dev.txt and so the venv install) is both, through -r
+    both = [str(r) for r in pkg.read_requirements(REPO / "requirements" / "runtime.txt")]
+    assert both == [str(r) for r in (*base.values(), *ml.values())]
+    assert not {"boto3", "botocore"} & {*base, *ml}
 
 
 def test_read_requirements_follows_includes(tmp_path: Path) -> None:
@@ -197,14 +203,36 @@ def test_zips_are_reproducible(tmp_path: Path) -> None:
         assert sum(i.file_size for i in infos) == pkg.tree_size(tree)
 
 
-def fake_pip_install(requirements: Path, dest: Path, *, python_version: str, arch: str, cache_dir: Path) -> None:
-    make_dist(dest, "onnxruntime", requires=("numpy", "protobuf"), files={"onnxruntime/__init__.py": b"o" * 4000})
-    make_dist(dest, "numpy", files={"numpy/__init__.py": b"n" * 3000, "numpy/tests/t.py": b"t" * 500})
-    make_dist(dest, "protobuf", files={"google/protobuf/__init__.py": b"p" * 2000})
-    make_dist(dest, "aws-lambda-powertools", requires=('aws-xray-sdk; extra == "tracer"',))
-    make_dist(dest, "aws-xray-sdk", requires=("botocore",))
+def fake_pip_install(
+    requirements: Sequence[Path], dest: Path, *, python_version: str, arch: str, cache_dir: Path
+) -> None:
+    assert [p.name for p in requirements] == ["runtime-base.txt", "runtime-ml.txt"]  # one resolution
+    # base: pydantic, pydantic-settings, powertools[tracer,parser]
+    make_dist(dest, "pydantic", requires=("typing-extensions",), files={"pydantic/__init__.py": b"p" * 1000})
+    make_dist(dest, "pydantic-settings", requires=("pydantic",), files={"pydantic_settings/__init__.py": b"s"})
+    make_dist(
+        dest,
+        "aws-lambda-powertools",
+        requires=('aws-xray-sdk; extra == "tracer"', 'pydantic; extra == "parser"', "typing-extensions"),
+        files={"aws_lambda_powertools/__init__.py": b"a" * 500},
+    )
+    make_dist(dest, "aws-xray-sdk", requires=("botocore",), files={"aws_xray_sdk/__init__.py": b"x"})
+    make_dist(dest, "typing-extensions", files={"typing_extensions.py": b"t" * 100})
     make_dist(dest, "botocore", requires=("urllib3",), files={"botocore/__init__.py": b"b" * 9000})
     make_dist(dest, "urllib3", files={"urllib3/__init__.py": b"u" * 100})
+    # ml: onnxruntime, tokenizers, numpy, pillow (typing-extensions shared with base)
+    make_dist(
+        dest, "onnxruntime", requires=("numpy", "protobuf", "packaging"), files={"onnxruntime/__init__.py": b"o" * 4000}
+    )
+    make_dist(dest, "numpy", files={"numpy/__init__.py": b"n" * 3000, "numpy/tests/t.py": b"t" * 500})
+    make_dist(dest, "protobuf", files={"google/protobuf/__init__.py": b"p" * 2000})
+    make_dist(dest, "packaging", files={"packaging/__init__.py": b"k"})
+    make_dist(
+        dest, "tokenizers", requires=("huggingface-hub", "typing-extensions"), files={"tokenizers/__init__.py": b"z"}
+    )
+    make_dist(dest, "huggingface-hub", requires=("pyyaml",), files={"huggingface_hub/__init__.py": b"h" * 700})
+    make_dist(dest, "pyyaml", files={"yaml/__init__.py": b"y"})
+    make_dist(dest, "pillow", files={"PIL/__init__.py": b"i" * 2000})
 
 
 def test_build_without_network_layouts_sizes_and_limit(
@@ -215,44 +243,101 @@ def test_build_without_network_layouts_sizes_and_limit(
     assert pkg.main(["--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     table = capsys.readouterr().out
 
-    runtime = out / "layers/runtime/python"
-    assert (runtime / "onnxruntime/__init__.py").exists() and (runtime / "numpy/__init__.py").exists()
-    assert not (runtime / "botocore").exists() and not (runtime / "urllib3").exists()
-    assert not (runtime / "google").exists() and not (runtime / "numpy/tests").exists()
-    assert (out / "layers/inference/python/sif_inference/__init__.py").exists()
-    assert (out / "layers/inference/python/sif_core/__init__.py").exists()
-    assert (out / "layers/metering/python/sif_metering/__init__.py").exists()
-    for name, package_dir in {"api": "sif_api", "authorizer": "sif_authorizer"}.items():
-        assert (out / "functions" / name / package_dir / "__init__.py").exists()
+    def top_level(layer: str) -> set[str]:
+        return {p.name for p in (out / "layers" / layer / "python").iterdir() if not p.name.endswith(".dist-info")}
+
+    # the runtime split: every distribution once, in the first layer whose requirements reach it
+    assert top_level("runtime-base") == {
+        "pydantic", "pydantic_settings", "aws_lambda_powertools", "aws_xray_sdk", "typing_extensions.py"
+    }  # fmt: skip
+    assert top_level("runtime-ml") == {"onnxruntime", "numpy", "packaging", "tokenizers", "PIL"}
+    assert not (out / "layers/runtime-ml/python/numpy/tests").exists()
+    assert top_level("inference") == {"sif_inference"}
+    assert top_level("core") == {"sif_core"}
+    assert top_level("metering") == {"sif_metering"}
+    assert not (out / "pip-target").exists()
+    for code, package_dir in {"api": "sif_api", "authorizer": "sif_authorizer", "worker": "sif_worker"}.items():
+        assert (out / "functions" / code / package_dir / "__init__.py").exists()
     assert not list(out.rglob("__pycache__"))
 
+    functions = pkg.template_functions(REPO / "template.yaml")
+    codes = {fn.code for fn in functions.values()}
     zips = sorted(p.name for p in (out / "zips").iterdir())
-    assert zips == sorted([f"layer-{n}.zip" for n in pkg.LAYERS] + [f"function-{n}.zip" for n in pkg.FUNCTIONS])
-    with zipfile.ZipFile(out / "zips/layer-runtime.zip") as zf:
+    assert zips == sorted([f"layer-{n}.zip" for n in pkg.LAYERS] + [f"function-{c}.zip" for c in codes])
+    with zipfile.ZipFile(out / "zips/layer-runtime-ml.zip") as zf:
         assert all(n.startswith("python/") for n in zf.namelist())
     with zipfile.ZipFile(out / "zips/function-api.zip") as zf:
         assert "sif_api/__init__.py" in zf.namelist()
 
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes["ok"] is True and sizes["python_version"] == "3.12" and sizes["arch"] == "x86_64"
-    api = sizes["functions"]["api"]
     layers = sizes["layers"]
-    assert api["unzipped"] == pkg.tree_size(out / "functions/api")
-    assert api["total_unzipped"] == api["unzipped"] + sum(layers[n]["unzipped"] for n in pkg.LAYERS)
-    assert api["total_zipped"] == api["zipped"] + sum(layers[n]["zipped"] for n in pkg.LAYERS)
-    assert layers["runtime"]["zipped"] == (out / "zips/layer-runtime.zip").stat().st_size
+    assert set(layers) == set(pkg.LAYERS)
+    assert set(sizes["functions"]) == set(functions)
+    for name, fn in functions.items():  # each function counted with its own layers only
+        got = sizes["functions"][name]
+        assert got["logical_id"] == fn.logical_id and got["layers"] == list(fn.layers)
+        assert got["unzipped"] == pkg.tree_size(out / "functions" / fn.code)
+        assert got["total_unzipped"] == got["unzipped"] + sum(layers[n]["unzipped"] for n in fn.layers)
+        assert got["total_zipped"] == got["zipped"] + sum(layers[n]["zipped"] for n in fn.layers)
+        assert {k.removeprefix("layer_") for k in got if k.startswith("layer_")} == set(fn.layers)
+    api, authorizer = sizes["functions"]["api"], sizes["functions"]["authorizer"]
+    assert "runtime-ml" in api["layers"] and "runtime-ml" not in authorizer["layers"]
+    assert authorizer["total_unzipped"] < api["total_unzipped"] - layers["runtime-ml"]["unzipped"] + 1
+    assert layers["runtime-ml"]["zipped"] == (out / "zips/layer-runtime-ml.zip").stat().st_size
     dists = sizes["runtime_distributions"]
     assert dists["botocore"]["removed"] == "provided by the Lambda runtime"
     assert dists["urllib3"]["removed"] == "only needed by removed distributions"
+    assert dists["pyyaml"]["removed"] == "only needed by removed distributions"
     assert dists["protobuf"]["removed"] == "onnxruntime offline tools only"
+    assert dists["huggingface-hub"]["removed"].startswith("hub downloads only")
+    assert {n: d["layer"] for n, d in dists.items() if not d["removed"]} == {
+        "pydantic": "runtime-base",
+        "pydantic-settings": "runtime-base",
+        "aws-lambda-powertools": "runtime-base",
+        "aws-xray-sdk": "runtime-base",
+        "typing-extensions": "runtime-base",
+        "onnxruntime": "runtime-ml",
+        "numpy": "runtime-ml",
+        "packaging": "runtime-ml",
+        "tokenizers": "runtime-ml",
+        "pillow": "runtime-ml",
+    }
     assert dists["numpy"]["after"] < dists["numpy"]["before"]
-    assert "numpy/tests" in sizes["trimmed"]["dirs"]
-    for name in pkg.FUNCTIONS:
-        assert any(line.startswith(name) and line.endswith("ok") for line in table.splitlines())
+    assert "numpy/tests" in sizes["trimmed"]["runtime-ml"]["dirs"]
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split()[:1] and line.endswith("ok")}
+    assert set(rows) == set(functions)
+    header = next(line.split() for line in table.splitlines() if line.split()[:2] == ["function", "own"])
+    for name, fn in functions.items():  # a "-" in the columns of the layers a function does not have
+        cells = dict(zip(header[2 : 2 + len(pkg.LAYERS)], rows[name][2 : 2 + len(pkg.LAYERS)], strict=True))
+        assert {c.lstrip("+") for c, v in cells.items() if v != "-"} == set(fn.layers), name
 
     assert pkg.main(["--out", str(out), "--limit-mib", "0.001"]) == 1
     assert "over the 0.001 MiB target" in capsys.readouterr().err
     assert json.loads((out / "sizes.json").read_text())["ok"] is False
+
+
+def test_template_functions_and_their_layers(tmp_path: Path) -> None:
+    functions = pkg.template_functions(REPO / "template.yaml")
+    assert functions["api"].logical_id == "ApiFunction" and functions["api"].code == "api"
+    events = functions["gpu-job-events"]
+    assert events.logical_id == "GpuJobEventsFunction" and events.code == "worker"
+    assert events.handler == "sif_worker.batch_events.lambda_handler"
+    assert pkg.function_name("GpuJobEventsFunction") == "gpu-job-events"
+
+    # the ML runtime layer holds none of the base layer's distributions: never without it
+    text = (REPO / "template.yaml").read_text()
+    broken = tmp_path / "template.yaml"
+    broken.write_text(
+        text.replace(
+            "        - !Ref BaseRuntimeLayer\n        - !Ref MlRuntimeLayer\n", "        - !Ref MlRuntimeLayer\n", 1
+        )
+    )
+    with pytest.raises(pkg.PackageError, match="runtime-ml layer but not \\['runtime-base'\\]"):
+        pkg.template_functions(broken)
+    broken.write_text(text.replace("ContentUri: build/package/layers/core", "ContentUri: build/package/layers/other"))
+    with pytest.raises(pkg.PackageError, match="CoreLayer's ContentUri"):
+        pkg.template_functions(broken)
 
 
 def test_refuses_to_clear_the_repository() -> None:
@@ -270,22 +355,27 @@ def test_trimmed_runtime_layer_imports_and_runs_a_model(tmp_path: Path) -> None:
     """Same build as `make package`, but for this interpreter's version so it can be
     imported here: the trimmed layers, with the Lambda runtime's boto3 stand-in, import
     onnxruntime, tokenizers, numpy, PIL, pydantic, powertools and our packages, run an
-    InferenceSession; shipped bytecode (--compile-with) works too. Uses PyPI through
-    pip's cache in .cache/pip-lambda."""
+    InferenceSession; each function's own layers import on their own; shipped bytecode
+    (--compile-with) works too. Uses PyPI through pip's cache in .cache/pip-lambda."""
     assert HOST_ARCH is not None
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     out = tmp_path / "package"
     report = pkg.build(out, python_version=version, arch=HOST_ARCH, compile_with=sys.executable)
 
-    runtime = out / "layers/runtime/python"
-    assert not (runtime / "botocore").exists() and not (runtime / "huggingface_hub").exists()
+    base, ml = out / "layers/runtime-base/python", out / "layers/runtime-ml/python"
+    assert not (base / "botocore").exists() and not (ml / "huggingface_hub").exists()
+    assert (base / "pydantic").is_dir() and not (ml / "pydantic").exists()
     tag = f"cpython-{version.replace('.', '')}"
-    assert list((runtime / "onnxruntime/capi").glob(f"onnxruntime_pybind11_state.{tag}-*.so"))
-    assert list((runtime / "numpy/__pycache__").glob(f"__init__.{tag}.pyc"))
+    assert list((ml / "onnxruntime/capi").glob(f"onnxruntime_pybind11_state.{tag}-*.so"))
+    assert list((ml / "numpy/__pycache__").glob(f"__init__.{tag}.pyc"))
     assert not report.over_limit(), pkg.format_report(report)
 
-    summary = pkg.smoke_check(out, sys.executable, tmp_path)
+    summary = pkg.smoke_check(out, sys.executable, tmp_path, report.functions)
     assert summary["python"] == platform.python_version()
     packages = summary["packages"]
     assert isinstance(packages, list)
     assert {"sif_inference", "sif_core", "sif_metering", "sif_api"} <= set(packages)
+    alone = summary["functions"]
+    assert isinstance(alone, dict) and set(alone) == set(report.functions)
+    for name, fn in report.functions.items():  # numpy only where the ML layer is
+        assert alone[name]["numpy"] is ("runtime-ml" in fn.layers), name

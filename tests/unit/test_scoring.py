@@ -23,9 +23,9 @@ from sif_core.scoring import (
     FileCheckpointStore,
     ScoreConfig,
     file_model,
-    round_significant,
     score_file,
 )
+from sif_inference.rounding import round_significant
 from sif_modelbuild.testimages import make_test_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_images_score_and_bad_images_fail_their_row(registry, tmp_path):
         assert p["prediction"]["sfw"] + p["prediction"]["nsfw"] == pytest.approx(1.0, abs=1e-5)
     errors = read_jsonl(tmp_path / "errors.jsonl")
     assert [(e["line"], e["id"]) for e in errors] == [(2, "not-base64"), (3, "not-an-image")]
-    assert errors[0]["error"].startswith("field 'b64' is not valid base64")
+    assert errors[0]["error"].startswith("b64 is not valid base64")
     assert errors[1]["error"].startswith("undecodable image: cannot decode image")
 
 
@@ -313,38 +313,43 @@ def test_checkpoint_round_trips():
 
 
 def test_long_texts_are_clipped_without_changing_their_embedding(text_model, registry):
+    task = text_model.task  # the text task clips, for the API as for files
     words = " ".join(texts(400)).split()
     long_text = " ".join(words[i % len(words)] for i in range(3000))
-    clipped = text_model.clip(long_text)
-    assert len(clipped) <= text_model.cut_chars < len(long_text) and long_text.startswith(clipped)
+    clipped = task.clip(long_text)
+    assert len(clipped) <= task.cut_chars < len(long_text) and long_text.startswith(clipped)
     embedder = registry.embedder(MODEL)
     full, head = embedder.embed([long_text]), embedder.embed([clipped])
     assert full.tokens == head.tokens == [256] and full.truncated == head.truncated == [True]
     np.testing.assert_array_equal(full.vectors, head.vectors)
     # nothing to gain, or not provably safe: left whole
-    assert text_model.clip("short text") == "short text"
+    assert task.clip("short text") == "short text"
     cjk = "日本語の文章" * 2000  # no whitespace to cut at
-    assert text_model.clip(cjk) == cjk
+    assert task.clip(cjk) == cjk
     giant_words = " ".join(["x" * 500] * 40)  # few words: the head may hold fewer tokens than the model keeps
-    assert text_model.clip(giant_words) == giant_words
+    assert task.clip(giant_words) == giant_words
 
 
-def test_a_window_is_embedded_in_bounded_calls(registry):
+def test_a_window_is_embedded_in_bounded_calls(registry, monkeypatch):
+    from dataclasses import replace
+
     from sif_core.rows import Row
-    from sif_core.scoring import TextFileModel
+    from sif_core.scoring import TaskFileModel
+    from sif_inference.tasks import TEXT_CPU, TextEmbedding
 
+    loaded = registry.get(MODEL)
+    embedder = loaded.embedder
     calls = []
-    embedder = registry.embedder(MODEL)
+    real_embed = embedder.embed
 
-    class Spy:
-        manifest = embedder.manifest
-        tokenizer = embedder.tokenizer
+    def spy(batch, **kwargs):
+        calls.append((sum(map(len, batch)), kwargs))
+        return real_embed(batch, **kwargs)
 
-        def embed(self, batch, **kwargs):
-            calls.append(sum(map(len, batch)))
-            return embedder.embed(batch, **kwargs)
-
-    model = TextFileModel(Spy(), "int8", embed_chars=2000)
+    monkeypatch.setattr(embedder, "embed", spy)
+    model = TaskFileModel(TextEmbedding(loaded, profile=replace(TEXT_CPU, call_chars=2000)))
     rows = [Row(i, i + 1, i, t) for i, t in enumerate(texts(60))]
     scores = model.score(rows)
-    assert len(scores.predictions) == 60 and len(calls) > 1 and all(c <= 2000 for c in calls)
+    assert len(scores.predictions) == 60 and len(calls) > 1 and all(chars <= 2000 for chars, _ in calls)
+    assert all(kw == {"max_items": TEXT_CPU.max_items, "max_tokens": TEXT_CPU.max_tokens} for _, kw in calls)
+    assert model.window_rows == TEXT_CPU.window_rows and model.field == "text"

@@ -12,7 +12,8 @@ import calendar
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -21,7 +22,6 @@ from aws_lambda_powertools import Logger
 from sif_api import inference
 from sif_api.caller import Caller
 from sif_api.errors import BadRequestError
-from sif_api.inference import LabelCache, Outcome
 from sif_api.schemas import (
     Embedding,
     EmbeddingsRequest,
@@ -40,9 +40,11 @@ from sif_api.schemas import (
     UsageTotals,
 )
 from sif_core.settings import Settings
-from sif_inference.errors import ModelNotFoundError, WrongTaskError
+from sif_inference.errors import BadInputError, ModelNotFoundError
 from sif_inference.manifest import ModelManifest, Price
 from sif_inference.registry import ModelRegistry
+from sif_inference.tasks import Task
+from sif_inference.tasks import TaskResult as Outcome
 from sif_metering.ledger import QuotaExceededError, Usage, UsageLedger
 from sif_metering.metrics import UsageMetrics
 from sif_metering.pricing import cost_usd
@@ -63,6 +65,15 @@ def _elapsed_ms(start: float) -> int:
     return max(1, math.ceil((time.perf_counter() - start) * 1000))
 
 
+@contextmanager
+def _bad_input_is_400() -> Iterator[None]:
+    """The core's BadInputError (bad base64, text that is not Unicode, duplicate labels) is the caller's 400."""
+    try:
+        yield
+    except BadInputError as exc:
+        raise BadRequestError(str(exc)) from exc
+
+
 class ApiService:
     def __init__(
         self,
@@ -76,7 +87,6 @@ class ApiService:
         self.ledger = ledger
         self.quota = quota or QuotaGate(ledger)
         self.usage_metrics = usage_metrics
-        self.labels = LabelCache()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiService:
@@ -122,25 +132,23 @@ class ApiService:
     # ------------------------------------------------------------ inference
     def embeddings(self, caller: Caller, req: EmbeddingsRequest, request_id: str) -> EmbeddingsResponse:
         manifest = self.manifest(req.model)
-        if manifest.task != "embedding":
-            raise WrongTaskError(f"model {req.model!r} does {manifest.task}, not embeddings")
+        task = self.registry.task(req.model, kind="embedding")
         if req.dimensions is not None and req.dimensions != manifest.output.dim:
             raise BadRequestError(f"model {req.model!r} has {manifest.output.dim} dimensions, not {req.dimensions}")
         texts = [req.input] if isinstance(req.input, str) else req.input
-        embedder = self.registry.embedder(req.model)
-        outcome, usage = self._metered(caller, manifest, request_id, lambda: inference.embed(embedder, texts))
-        if req.encoding_format == "base64":
-            vectors = outcome.predictions
+        result, usage = self._infer(caller, manifest, request_id, task, texts)
+        vectors = [result.predictions[i] for i in range(len(texts))]
+        if req.encoding_format == "base64":  # the raw float32 vector, as the openai client expects
             data = [Embedding(index=i, embedding=inference.float32_base64(v)) for i, v in enumerate(vectors)]
         else:
-            data = [Embedding(index=i, embedding=v.tolist()) for i, v in enumerate(outcome.predictions)]
+            data = [Embedding(index=i, embedding=task.to_json(v)) for i, v in enumerate(vectors)]
         return EmbeddingsResponse(
             data=data,
             model=req.model,
             usage=EmbeddingsUsage(
                 prompt_tokens=usage.tokens,
                 total_tokens=usage.tokens,
-                truncated_inputs=outcome.truncated,
+                truncated_inputs=result.truncated,
                 compute_ms=usage.compute_ms,
                 cost_usd=_cost(manifest.price, usage),
             ),
@@ -148,39 +156,35 @@ class ApiService:
 
     def predict(self, caller: Caller, name: str, req: PredictRequest, request_id: str) -> PredictResponse:
         manifest = self.manifest(name)
-        labels = req.parameters.labels if req.parameters else None
-        work: Callable[[], Outcome]
-        if manifest.task == "embedding":
-            texts = inference.texts_of(req.instances, name)
-            embedder = self.registry.embedder(name)
-            if labels:
-                template = req.parameters.template if req.parameters else "{}"
-                work = lambda: inference.zero_shot(embedder, texts, labels, template, self.labels)  # noqa: E731
-            else:
-                work = lambda: inference.embed(embedder, texts)  # noqa: E731
-        else:
-            if labels:
-                raise WrongTaskError(
-                    f"parameters.labels is zero-shot text classification; model {name!r} does {manifest.task}"
-                )
-            images = inference.images_of(req.instances, name)
-            classifier = self.registry.classifier(name)
-            work = lambda: inference.classify_images(classifier, images)  # noqa: E731
-        outcome, usage = self._metered(caller, manifest, request_id, work)
-        predictions: list[Any] = [p.tolist() if hasattr(p, "tolist") else p for p in outcome.predictions]
+        params = req.parameters
+        labels = params.labels if params else None
+        template = params.template if params else None
+        with _bad_input_is_400():
+            task = self.registry.task(name, labels=labels, template=template)
+        instances = inference.task_inputs(req.instances)
+        result, usage = self._infer(caller, manifest, request_id, task, instances)
         return PredictResponse(
-            predictions=predictions,
+            predictions=[inference.prediction_body(task, result.predictions[i]) for i in range(len(instances))],
             model=name,
             model_version=manifest.version,
             usage=PredictUsage(
                 inputs=usage.inputs,
                 tokens=usage.tokens,
                 pixels=usage.pixels,
-                truncated_inputs=outcome.truncated,
+                truncated_inputs=result.truncated,
                 compute_ms=usage.compute_ms,
                 cost_usd=_cost(manifest.price, usage),
             ),
         )
+
+    def _infer(
+        self, caller: Caller, manifest: ModelManifest, request_id: str, task: Task, inputs: list[Any]
+    ) -> tuple[Outcome, Usage]:
+        """The task on every input or none (strict: the first bad input raises), metered."""
+        with _bad_input_is_400():
+            return self._metered(
+                caller, manifest, request_id, lambda: task.predict(inputs, strict=True), units=len(inputs)
+            )
 
     def _metered(
         self,

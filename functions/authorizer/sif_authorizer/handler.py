@@ -27,8 +27,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from sif_authorizer.keys import TenantCache, api_key_from_headers
 from sif_core.aws import table
 from sif_core.settings import Settings
-from sif_core.tenants import Tenant, find_tenant
-from sif_metering.ledger import NO_QUOTA
+from sif_core.tenants import NO_QUOTA, Tenant, find_tenant
 
 logger = Logger()
 tracer = Tracer()

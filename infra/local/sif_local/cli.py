@@ -120,14 +120,17 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
         info, (session, endpoint) = _stack_clients(args)
     except FileNotFoundError as exc:
         return _error(str(exc))
+    if args.monthly_calls is not None and args.monthly_calls < 0:
+        return _error("--monthly-calls is a number of inputs per month (0 = unlimited), not negative")
     table = session.resource("dynamodb", endpoint_url=endpoint).Table(info["tables"]["tenants"])
     kwargs = {} if args.monthly_calls is None else {"monthly_calls": args.monthly_calls}
     try:
         tenant, api_key = create_tenant(table, args.name, **kwargs)
     except (BotoCoreError, ClientError) as exc:
         return _error(f"the local stack at {endpoint} did not accept the tenant ({exc}); is `sif up` running?")
+    quota = "unlimited" if tenant.monthly_calls == 0 else f"{tenant.monthly_calls} inputs/month"
     print(
-        f"created tenant {tenant.name!r} ({tenant.tenant_id}, {tenant.monthly_calls} calls/month); its API key:",
+        f"created tenant {tenant.name!r} ({tenant.tenant_id}, {quota}); its API key:",
         file=sys.stderr,
     )
     print(api_key, flush=True)
@@ -194,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
     create = tenant_sub.add_parser("create", help="create a tenant and print its new API key")
     create.add_argument("name")
-    create.add_argument("--monthly-calls", type=int, default=None, help="monthly call quota")
+    create.add_argument(
+        "--monthly-calls",
+        type=int,
+        default=None,
+        metavar="N",
+        help="monthly quota in units: one input (text, image, file row) each; 0 = unlimited",
+    )
     create.set_defaults(func=cmd_tenant_create)
 
     env = sub.add_parser("env", help='print shell exports for the running stack (eval "$(sif env)")')

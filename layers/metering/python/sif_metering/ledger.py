@@ -34,7 +34,7 @@ from botocore.exceptions import ClientError
 
 COUNTERS = ("calls", "inputs", "tokens", "pixels", "compute_ms", "gpu_ms")
 EVENT_TTL_S = 90 * 24 * 3600
-NO_QUOTA = -1  # the limit of a tenant whose record has no quota field: nothing fits
+NO_QUOTA = -1  # the limit of a tenant whose record has no quota field (= sif_core.tenants.NO_QUOTA): nothing fits
 TRANSACT_ATTEMPTS = 6  # DynamoDB cancels transactions that collide on an item (TransactionConflict)
 SETTLE_ATTEMPTS = 5  # re-reads of a reservation that changed (was extended) between read and write
 
