@@ -331,6 +331,6 @@ class Jobs:
             record = self.lc.ensure(
                 WorkRecord(id=job_id, kind="job", tenant=tenant, model=model, details={"source": "queue"})
             )
-        if record.status in TERMINAL:
+        if record.status in TERMINAL and record.status != "failed":
             return
-        self.lc.fail(record, f"gave up after {attempts} attempts: {describe_error(error)}", metering_id=f"job#{job_id}")
+        self.lc.give_up(record, describe_error(error), attempts, f"job#{job_id}")

@@ -69,7 +69,6 @@ class CoreServices:
     quota_of: Callable[[str], int | None] = lambda tenant: 0  # the tenant's monthly units (0: unlimited)
     continue_with: Callable[[Any, int], None] | None = None  # hand a file's next segment on (the scorer)
 
-
     @property
     def models(self) -> ModelRegistry:
         if self.registry is None:
@@ -228,13 +227,20 @@ class Lifecycle:
         *,
         reason: str | None = None,
         metering_id: str | None = None,
+        again: bool = False,
     ) -> bool:
-        """Mark the work failed with `error` unless it already ended; what it reserved goes back."""
+        """Mark the work failed with `error` unless it already ended; what it reserved goes back.
+
+        `again`: a failed record may fail anew (a redriven message given up on once more); a success
+        or a cancellation never turns into a failure."""
         message = short_error(error)
         if metering_id is not None:
             self.release(record, metering_id)
         details = {**record.details, **({"reason": reason} if reason else {})}
-        if not self.update(record, status="failed", error=message, finished_at=time.time(), details=details):
+        fields: dict[str, Any] = {"status": "failed", "error": message, "finished_at": time.time(), "details": details}
+        if again and self.status(record) == "failed":
+            self.s.store.update(record.tenant, record.kind, record.id, **fields)
+        elif not self.update(record, **fields):
             return False
         log.warning("%s %s failed: %s", record.kind, record.id, message)
         prefix = record.output_prefix
@@ -245,7 +251,8 @@ class Lifecycle:
 
     def give_up(self, record: WorkRecord, error: str | BaseException, attempts: int, metering_id: str | None) -> None:
         """The message's last receive failed: mark the work failed before SQS dead-letters it."""
-        self.fail(record, f"gave up after {attempts} attempts: {short_error(error)}", metering_id=metering_id)
+        message = f"gave up after {attempts} attempts: {short_error(error)}"
+        self.fail(record, message, metering_id=metering_id, again=True)
 
     # ------------------------------------------------------------ announcements
     def announce(

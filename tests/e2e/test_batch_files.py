@@ -203,7 +203,8 @@ def test_gzip_and_csv_score_like_jsonl(inbox: Inbox) -> None:
         assert (record.status, record.rows, record.failed) == ("succeeded", 300, 0), name
         outputs[name] = inbox.output(file, "predictions.jsonl")
     assert len(set(outputs.values())) == 1  # same rows, same windows: byte-identical
-    assert files["csv"].output_prefix.endswith("/formats/sheet é/")
+    # results/{tenant}/{model}/{file name as dropped}/{etag}/: the extension is part of the name
+    assert files["csv"].output_prefix.endswith(f"/formats/sheet é.csv/{files['csv'].etag}/")
 
 
 def test_empty_file_and_zero_byte_object(inbox: Inbox) -> None:

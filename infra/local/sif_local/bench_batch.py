@@ -33,13 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sif_core.filebatch import InboxFile
+from sif_core.keys import inbox_key
 from sif_local.template import REPO_ROOT
 
 log = logging.getLogger("sif_local.bench_batch")
 
 MODEL = "all-minilm-l6-v2"
 TEXTS = REPO_ROOT / "shared" / "data" / "texts.txt"
-TENANT = "t_bench"
 
 
 def corpus() -> list[str]:
@@ -115,15 +116,16 @@ def end_to_end(rows: int, runs: int, baseline_rows: int, threads: int) -> dict[s
             local = InProcess(threads, Path(state))
             stack = LocalStack(emulator.endpoint_url, state_dir=state, api_url="http://127.0.0.1:0").create()
             stack.publish_models(models_dir_from_env())
+            tenant = str(stack.create_tenant("bench", monthly_calls=0)[0]["tenant_id"])  # an unlimited quota
             pollers = start_pollers(stack, functions=["ScorerFunction"])
             s3 = stack.client("s3")
             inbox, results = stack.bucket("inbox"), stack.bucket("results")
             before = local.pytorch(sample)
             for run in range(runs):
-                key = f"incoming/{TENANT}/{MODEL}/bench-{run}.jsonl"
-                manifest_key = f"results/{TENANT}/{MODEL}/bench-{run}/manifest.json"
+                key = inbox_key(tenant, MODEL, f"bench-{run}.jsonl")
                 started = time.perf_counter()
-                s3.put_object(Bucket=inbox, Key=key, Body=body)
+                etag = s3.put_object(Bucket=inbox, Key=key, Body=body)["ETag"]
+                manifest_key = InboxFile.parse(inbox, key, etag, len(body)).output_prefix + "manifest.json"
                 deadline = started + 1800
                 while time.perf_counter() < deadline:
                     try:

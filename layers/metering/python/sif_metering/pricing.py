@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sif_inference.manifest import Price
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: metering must not load the inference core (numpy, tokenizers) at import
+    from sif_inference.manifest import Price
 
 
 def cost_usd(price: Price, *, calls: int, inputs: int, tokens: int, gpu_ms: int = 0) -> float:
