@@ -175,6 +175,8 @@ class FileBatches:
     def handle(self, file: InboxFile, segment: int, deadline: Deadline) -> Outcome:
         """One SQS message's worth: segment 0 accepts and routes the file; CPU segments score until the deadline."""
         record = self.record(file)
+        if record.status == "cancelled" and record.details.get("routed") == file.etag and file.fmt is not None:
+            return self._finish_cancelled(file, record, segment)
         if self._finished(file, record):
             return Outcome("skipped", file.batch_id, record.route, reason=f"already {record.status}")
         work = self.work(file, record) if file.fmt is not None else None
@@ -210,6 +212,14 @@ class FileBatches:
                 raise RuntimeError("a deadline was reached but there is no way to hand the file on") from exc
             self.s.continue_with(file, exc.next_segment)
             return Outcome("continued", file.batch_id, "cpu", segment=exc.next_segment)
+
+    def _finish_cancelled(self, file: InboxFile, record: WorkRecord, segment: int) -> Outcome:
+        """Cancelled after it was accepted: the rows scored so far are completed and billed, the rest released."""
+        try:
+            return self.runner.score(self.work(file, record), segment, Deadline.never(), route=record.route)
+        except SourceChangedError as exc:
+            self.lc.release(record, file.metering_id)
+            return Outcome("cancelled", file.batch_id, record.route, reason=str(exc))
 
     def submit_to_gpu(self, file: InboxFile, record: WorkRecord, rows_estimate: int) -> Outcome:
         existing = record.details.get("gpu_job_id")
@@ -253,6 +263,8 @@ class FileBatches:
             etag, size = str(head["ETag"]), int(head["ContentLength"])
         file = InboxFile.parse(bucket, key, etag, int(size))
         record = self.record(file)
+        if record.status == "cancelled" and file.fmt is not None:
+            return self._finish_cancelled(file, record, 0)
         if self._finished(file, record) or file.fmt is None:
             return Outcome("skipped", file.batch_id, "gpu", reason=f"already {record.status}")
         try:

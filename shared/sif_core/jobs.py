@@ -238,9 +238,9 @@ class Jobs:
         from its checkpoint, rather than killed by the Lambda timeout: the router's estimate was off.
         """
         record = self.record(job, job.route or "cpu")
+        if record.status == "cancelled":
+            return self._cancelled(job, record)
         if record.status in TERMINAL:
-            if record.status == "cancelled":
-                self.lc.release(record, job.metering_id)
             log.info("job %s already %s; nothing to do", job.id, record.status)
             return Outcome("skipped", job.id, record.route, reason=f"already {record.status}")
         try:
@@ -270,6 +270,14 @@ class Jobs:
             record.details.update(handed_off=str(exc))
             self.s.store.update(job.tenant, "job", job.id, status="queued", details=record.details)
             return self.submit_gpu(job, record)
+
+    def _cancelled(self, job: JobMessage | GpuJobSpec, record: WorkRecord) -> Outcome:
+        """A cancelled job: its partial outputs (if it had started) are completed and billed, else nothing is."""
+        try:
+            return self.runner.score(self.work(job, record), 0, Deadline.never(), route=record.route)
+        except (WorkFailedError, SourceChangedError):
+            self.lc.release(record, f"job#{job.id}")
+            return Outcome("cancelled", job.id, record.route, reason="cancelled")
 
     def _fail(self, job: JobMessage, record: WorkRecord, error: str | BaseException, reason: str) -> Outcome:
         self.lc.fail(record, describe_error(error), reason=reason, metering_id=job.metering_id)
@@ -301,6 +309,8 @@ class Jobs:
     def run_gpu(self, spec: GpuJobSpec) -> Outcome:
         """A job the router (or a worker near its deadline) sent to AWS Batch: resumed from its checkpoint."""
         record = self.record(spec, "gpu")
+        if record.status == "cancelled":
+            return self._cancelled(spec, record)
         if record.status in TERMINAL:
             return Outcome("skipped", spec.id, "gpu", reason=f"already {record.status}")
         try:

@@ -22,14 +22,16 @@ import math
 import re
 import time
 import zlib
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from sif_core import keys
 from sif_core.rows import ByteSource, FileFormatError, Format
 from sif_core.settings import Settings
-from sif_inference.manifest import ModelManifest
+
+if TYPE_CHECKING:  # annotations only: the Batch-events function imports this module without numpy
+    from sif_inference.manifest import ModelManifest
 
 Route = Literal["cpu", "gpu"]
 Accelerator = Literal["auto", "cpu", "gpu"]

@@ -79,7 +79,7 @@ class _Gate:
         self.lc = lifecycle
         self.work = work
         self.reserved = int(work.record.details.get("reserved", 0))
-        self.checked = time.monotonic()
+        self.checked = 0.0  # the first window asks at once: a run resumed after a cancellation stops there
 
     def __call__(self, state: Checkpoint, rows: int) -> str | None:
         if self.work.on_error == "fail" and state.failed:
@@ -140,7 +140,10 @@ class WorkRunner:
         return Outcome("failed", work.record.id, work.record.route, reason=reason or message)
 
     def score(self, work: Work, segment: int, deadline: Deadline, *, route: str) -> Outcome:
-        """Score `work` from its checkpoint until done or `deadline` (then DeadlineReached, checkpoint saved)."""
+        """Score `work` from its checkpoint until done or `deadline` (then DeadlineReached, checkpoint saved).
+
+        Work cancelled meanwhile stops before its next window: the outputs are completed with the rows
+        scored so far and billed for them (a cancellation before the first row bills nothing)."""
         record = work.record
         store = self.checkpoints(work)
         checkpoint = store.load()
@@ -149,8 +152,8 @@ class WorkRunner:
         if checkpoint is not None and checkpoint.segment > segment:
             return Outcome("skipped", record.id, route, segment=segment, reason=f"segment {checkpoint.segment} owns it")
         current = self.lc.get(record)
-        if current is not None and current.status == "cancelled":
-            return self._cancelled_before_start(work, store, checkpoint)
+        if current is not None and current.status == "cancelled" and checkpoint is None:
+            return self._cancelled_before_start(work)
         self.lc.running(record, route)
         try:
             model = file_model(self.s.models, record.model, work.variant)
@@ -239,10 +242,8 @@ class WorkRunner:
         log.info("%s %s: %s (%d rows, %d failed)", work.kind, record.id, outcome.status, state.rows, state.failed)
         return outcome
 
-    def _cancelled_before_start(self, work: Work, store: S3CheckpointStore, checkpoint: Checkpoint | None) -> Outcome:
-        if checkpoint is not None:
-            self.sink(work).abort(checkpoint.sink_state)
-            store.clear()
+    def _cancelled_before_start(self, work: Work) -> Outcome:
+        """Cancelled before any row was scored: what was reserved goes back, nothing is written or billed."""
         self.lc.release(work.record, work.metering_id)
         return Outcome("cancelled", work.record.id, work.record.route, reason="cancelled before it ran")
 

@@ -66,6 +66,21 @@ class WorkRecord(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     cancelled_at: float | None = None
 
+    @property
+    def reason(self) -> str | None:
+        """Why the work ended as it did, in a word: quota_exceeded, cancelled, bad_file, row_failed, ..."""
+        value = self.details.get("reason")
+        return str(value) if value else None
+
+    @property
+    def has_outputs(self) -> bool:
+        """Whether its results folder holds complete outputs: a success, or a run stopped part-way
+        (cancelled, out of quota) whose rows scored so far were kept."""
+        if not self.output_prefix:
+            return False
+        stopped = self.status in ("cancelled", "failed") and self.reason in ("cancelled", "quota_exceeded")
+        return self.status == "succeeded" or (stopped and self.rows > 0)
+
 
 def created_key(kind: Kind, created_at: float, id_: str) -> str:
     """The index's sort key: kind first (one index serves both kinds), then time, then the id as a tiebreak."""
@@ -294,6 +309,6 @@ class WorkStore:
                 raise
             record = self.get(tenant, kind, after)
             if record is None:
-                raise InvalidCursorError(f"after: no {kind} {after!r}") from None
+                raise InvalidCursorError(f"no {kind} {after!r} to page after") from None
             index_key, id_ = created_key(kind, record.created_at, record.id), record.id
         return {**self.key(tenant, kind, id_), "created_key": index_key}

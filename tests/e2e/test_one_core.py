@@ -300,3 +300,31 @@ def test_the_quota_holds_across_api_calls_jobs_and_files_running_together(new_te
     record = tenant.batch(late)
     assert record.status == "failed" and record.details.get("reason") == "quota_exceeded" and record.rows == 0
     assert tenant.billed() == (billed, units)
+
+
+# ---------------------------------------------------------------------- cancel
+def test_a_running_file_cancelled_stops_at_its_next_window_keeps_and_bills_what_was_scored(
+    new_tenant: Callable[..., Tenant],
+) -> None:
+    tenant = new_tenant()
+    total = 8000
+    file = tenant.drop("long.jsonl", rows_file(total))
+    store = WorkStore(tenant.stack.table("WorkTable"))
+    wait_for(
+        lambda: (r := store.get(tenant.id, "batch", file.batch_id)) is not None and r.status == "running" and r.rows,
+        120,
+        "the file to be running",
+    )
+    resp = tenant.post(f"/v1/batches/{file.batch_id}/cancel", None)
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled", resp.text
+    record = wait_for(
+        lambda: (r := store.get(tenant.id, "batch", file.batch_id)) is not None and r.details.get("reason") and r,
+        120,
+        "the cancelled run to stop",
+    )
+    assert record.status == "cancelled" and 0 < record.succeeded < total, record
+    manifest = json.loads(tenant.read(file.output_prefix, "manifest.json"))
+    assert manifest["status"] == "cancelled" and manifest["succeeded"] == record.succeeded
+    predictions = tenant.read(file.output_prefix, "predictions.jsonl").splitlines()
+    assert [json.loads(p)["id"] for p in predictions] == list(range(record.succeeded))
+    assert tenant.billed() == (record.succeeded, record.succeeded)  # billed for what was scored, the rest released

@@ -318,9 +318,12 @@ def test_tenant_create_stores_only_the_hash(
     dump = json.dumps(items, default=str)
     assert api_key not in dump
     assert local_stack.demo_api_key is not None and local_stack.demo_api_key not in dump
-    (acme,) = [i for i in items if i["name"] == "acme"]
+    (acme,) = [i for i in items if i["name"] == "acme" and not i["key_hash"].startswith("tenant#")]
     assert acme["key_hash"] == hash_key(api_key)
     assert int(acme["monthly_calls"]) == 1234
+    # the tenant's profile (found by id, for jobs and dropped files) holds the same quota and no key
+    (profile,) = [i for i in items if i["key_hash"] == f"tenant#{acme['tenant_id']}"]
+    assert int(profile["monthly_calls"]) == 1234
 
 
 def test_tenant_create_without_a_running_stack_is_a_clear_error(

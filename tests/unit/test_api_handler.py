@@ -199,7 +199,7 @@ def test_body_over_6mb_is_413(invoke: Invoke) -> None:
 
 
 def test_quota_is_checked_before_inference_and_answers_429(invoke: Invoke, local_stack: LocalStack) -> None:
-    info, _ = local_stack.create_tenant("unit-quota", monthly_calls=1)
+    info, _ = local_stack.create_tenant("unit-quota", monthly_calls=2)  # the sample call embeds 2 texts: 2 units
     assert invoke("api_embeddings", as_tenant=info)[0] == 200
     result = invoke("api_embeddings", as_tenant=info)
     assert_error(result, 429, "quota_exceeded")

@@ -238,16 +238,6 @@ def cold_start(name: str, root: Path, endpoint: str) -> ColdStart:
 
 
 def _param(name: str) -> Any:
-    if name == "gpu-job-events":
-        return pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="until the sif_core refactor lands: sif_core.batch_events imports sif_core.routing, which "
-                "imports sif_inference.manifest, and sif_inference's __init__ imports numpy and tokenizers "
-                "(the failure prints each chain)",
-            ),
-        )
     return name
 
 

@@ -166,7 +166,10 @@ def register(app: APIGatewayRestResolver, logger: Logger) -> None:
 
     @app.exception_handler(QuotaExceededError)
     def over_quota(exc: QuotaExceededError) -> Response:
-        message = f"the monthly quota of {exc.limit} calls is used up; it resets in {exc.retry_after_s} s"
+        if exc.limit < 0:  # a tenant record without a quota: refused, never unlimited
+            message = f"{exc}; ask the operator to set one"
+        else:
+            message = f"the monthly quota of {exc.limit} units (inputs) is used up; it resets in {exc.retry_after_s} s"
         return error_response(429, "quota_exceeded", message, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(IntegrityError)

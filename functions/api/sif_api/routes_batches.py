@@ -65,10 +65,11 @@ class BatchStatusResponse(BaseModel):
     succeeded: int
     failed: int = Field(description="rows that failed; each is in errors.jsonl with its line and reason")
     progress: float = Field(description="0..1, of the file's bytes")
-    result_url: str | None = Field(default=None, description="presigned GET of predictions.jsonl (succeeded only)")
-    errors_url: str | None = Field(default=None, description="presigned GET of errors.jsonl (succeeded only)")
+    result_url: str | None = Field(default=None, description="presigned GET of predictions.jsonl, once it has outputs")
+    errors_url: str | None = Field(default=None, description="presigned GET of errors.jsonl, once it has outputs")
     manifest_url: str | None = None
     error: str | None = Field(default=None, description="why the file as a whole failed (or expired)")
+    reason: str | None = Field(default=None, description="why it ended so: quota_exceeded, cancelled, bad_file, ...")
     created_at: float
     updated_at: float
     cancelled_at: float | None = None
@@ -177,12 +178,13 @@ class BatchesApi:
             updated_at=record.updated_at,
             cancelled_at=record.cancelled_at,
         )
+        response.reason = record.reason
         prefix = record.output_prefix
         if prefix and prefix.startswith(f"{RESULTS_PREFIX}{caller.tenant_id}/"):
-            if done:
+            if record.has_outputs:  # a success, or the rows a cancelled (or out of quota) run kept
                 response.result_url = self._presign(prefix + OUTPUT_FILES["predictions"])
                 response.errors_url = self._presign(prefix + OUTPUT_FILES["errors"])
-            if record.status in ("succeeded", "failed"):
+            if record.has_outputs or record.status == "failed":
                 response.manifest_url = self._presign(prefix + OUTPUT_FILES["manifest"])
         return response
 

@@ -37,7 +37,7 @@ from sif_core.jobs import (
     check_instances,
     instances_jsonl,
 )
-from sif_core.keys import staged_input_key
+from sif_core.keys import OUTPUT_FILES, staged_input_key
 from sif_core.lifecycle import WorkFailedError
 from sif_core.routing import Accelerator, Route, choose_route, estimate_rows
 from sif_core.rows import FileFormatError, detect_format
@@ -97,10 +97,16 @@ class JobStatusResponse(BaseModel):
     progress: float = Field(description="0..1")
     route: Route
     model: str
-    rows: int | None = None
-    output_url: str | None = Field(default=None, description="presigned GET of predictions.jsonl (succeeded only)")
+    rows: int | None = Field(default=None, description="rows read (good and bad) once the job has outputs")
+    succeeded: int | None = None
+    failed: int | None = Field(default=None, description="rows that failed; each is in errors.jsonl")
+    output_url: str | None = Field(
+        default=None, description="presigned GET of predictions.jsonl, once there are outputs"
+    )
+    errors_url: str | None = Field(default=None, description="presigned GET of errors.jsonl")
     manifest_url: str | None = None
     error: str | None = None
+    reason: str | None = Field(default=None, description="why it ended so: quota_exceeded, cancelled, row_failed, ...")
     created_at: float
     updated_at: float
     cancelled_at: float | None = None
@@ -258,15 +264,20 @@ class JobsApi:
             progress=1.0 if record.status == "succeeded" else record.progress,
             route=record.route,
             model=record.model,
-            rows=record.rows if record.status == "succeeded" else None,
+            rows=record.rows if record.has_outputs else None,
+            succeeded=record.succeeded if record.has_outputs else None,
+            failed=record.failed if record.has_outputs else None,
             error=record.error if record.status == "failed" else None,
+            reason=record.reason,
             created_at=record.created_at,
             updated_at=record.updated_at,
             cancelled_at=record.cancelled_at,
         )
-        if record.status == "succeeded" and record.output_prefix:
-            response.output_url = self._presign(record.output_prefix + "predictions.jsonl")
-            response.manifest_url = self._presign(record.output_prefix + "manifest.json")
+        if record.has_outputs and record.output_prefix:
+            response.output_url = self._presign(record.output_prefix + OUTPUT_FILES["predictions"])
+            response.errors_url = self._presign(record.output_prefix + OUTPUT_FILES["errors"])
+        if record.output_prefix and (record.has_outputs or record.status == "failed"):
+            response.manifest_url = self._presign(record.output_prefix + OUTPUT_FILES["manifest"])
         return response
 
     def _presign(self, key: str) -> str:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from sif_core.rows import detect_format
+from sif_core.work import TERMINAL
 
 POLL_S = 0.5
 BAR_WIDTH = 30
-TERMINAL = ("succeeded", "failed")
 
 
 class ScoreError(Exception):
