@@ -20,7 +20,6 @@ from sif_core.work import WorkStore
 
 def core_services(settings: Settings, **overrides: Any) -> CoreServices:
     from sif_core.aws import client, table
-    from sif_core.model_store import registry_from_settings
     from sif_metering.ledger import UsageLedger
 
     s3 = overrides.get("s3") or client("s3")
@@ -41,7 +40,9 @@ def core_services(settings: Settings, **overrides: Any) -> CoreServices:
     if settings.tenants_table:
         values["quota_of"] = quota_lookup(table(settings.tenants_table))
     values.update(overrides)
-    if "registry" not in values:
+    if "registry" not in values:  # the Batch-events function passes None: it runs no model (and has no numpy)
+        from sif_core.model_store import registry_from_settings
+
         values["registry"] = registry_from_settings(settings)
     return CoreServices(**values)
 

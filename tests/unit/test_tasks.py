@@ -264,6 +264,9 @@ def test_predictions_are_rounded_to_seven_significant_digits(int8, images, regis
     vector = int8.predict(["a short text"]).predictions[0]
     line = int8.dumps(vector)
     assert json.loads(line) == int8.to_json(vector) and len(line) < 384 * 13
+    odd = np.array([0.0, -0.0, 1e-5, 0.5, 1234567.0, 3.4e-9], dtype=np.float32)  # one text form, whatever the path
+    assert int8.dumps(odd) == int8.dumps_all({7: odd})[7] == "[0,-0,1e-05,0.5,1234567,3.4e-09]"
+    assert json.loads(int8.dumps(odd)) == int8.to_json(odd)
     scores = images.predict([test_images[0][1]]).predictions[0]
     zero_shot = registry.task(MODEL, labels=["sports", "finance", "cooking"]).predict(["a goal"]).predictions[0]
     for number in [*int8.to_json(vector), *scores.values(), *zero_shot["scores"]]:

@@ -126,7 +126,11 @@ class EmbeddingsResponse(BaseModel):
 class ImageInstance(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    b64: str = Field(min_length=1, description="the image file's bytes, base64-encoded")
+    b64: str = Field(
+        min_length=1,
+        description="the image file's bytes, base64 (standard or URL-safe alphabet, padding optional) or a "
+        "data:<mime>;base64, URL",
+    )
 
 
 class PredictParameters(BaseModel):

@@ -273,6 +273,9 @@ class TextEmbedding(TextTask):
     def to_json(self, prediction: Any) -> Any:
         return round_significant(prediction).tolist()
 
+    def dumps(self, prediction: Any) -> str:
+        return format_vectors(np.asarray(prediction)[None, :])[0]
+
     def dumps_all(self, predictions: dict[int, Any]) -> dict[int, str]:
         if not predictions:
             return {}
