@@ -28,21 +28,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from sif_core.keys import OUTPUT_FILES
 from sif_core.rows import BadRow, ByteSource, Format, Item, Position, Row, open_rows
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import ModelRegistry
-
-# format_vectors and round_significant live in the inference core now; jobs and the benchmarks import them from here.
-from sif_inference.rounding import compact_json, format_vectors, round_significant  # noqa: F401
+from sif_inference.rounding import compact_json
 from sif_inference.tasks import Task
 
 Stream = Literal["predictions", "errors"]
 STREAMS: tuple[Stream, ...] = ("predictions", "errors")
-OUTPUT_FILES: dict[str, str] = {
-    "predictions": "predictions.jsonl",
-    "errors": "errors.jsonl",
-    "manifest": "manifest.json",
-}
 CHECKPOINT_VERSION = 1
 _dumps = compact_json
 

@@ -99,7 +99,7 @@ def test_quota_exhaustion_is_429_with_retry_after(new_tenant: Callable[..., ApiC
         error = client.error(resp, 429, "quota_exceeded")
         retry_after = int(resp.headers["Retry-After"])
         assert 0 < retry_after <= 31 * 24 * 3600
-        assert "3 calls" in error["message"]
+        assert "3 units (inputs)" in error["message"]
     assert client.post(f"/v1/models/{MODEL}/predict", {"instances": ["x"]}).status_code == 429
     # Refused calls are not metered; reading usage is not a metered call.
     usage = client.get("/v1/usage").json()

@@ -234,11 +234,11 @@ def test_a_failing_dependency_is_500(invoke: Invoke, handler: ModuleType) -> Non
 
     working = service.get_service()
     broken = service.ApiService(working.registry, UsageLedger(client("dynamodb"), "no-such-table"))
-    service.install(broken)
+    handler.app.dependency_overrides[service.get_service] = lambda: broken
     try:
         result = invoke("api_embeddings", request_id="req-500")
     finally:
-        service.install(working)
+        handler.app.dependency_overrides.clear()
     error = assert_error(result, 500, "internal_error")
     assert error["request_id"] == "req-500" and "req-500" in error["message"]
     assert "no-such-table" not in json.dumps(result[2])

@@ -25,7 +25,6 @@ from sif_api import (
     routes_usage,
     service,
 )
-from sif_core.settings import Settings
 
 # Usage metrics go out per call through sif_metering (tenant and model dimensions); requests that
 # meter nothing (health, models, usage) leave this set empty, which is fine.
@@ -41,7 +40,7 @@ for module in (routes_meta, routes_models, routes_inference, routes_usage, route
 routes_meta.add_openapi(app)
 errors.register(app, logger)
 
-service.install(service.ApiService.from_settings(Settings.from_env())).warm()
+service.get_service().warm()  # the cold start: every model loaded before the first request
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from functools import cache
 from typing import Any
 
 from aws_lambda_powertools import Logger
@@ -39,7 +40,7 @@ from sif_api.schemas import (
     UsageResponse,
     UsageTotals,
 )
-from sif_core.settings import Settings
+from sif_core.settings import Settings, get_settings
 from sif_inference.errors import BadInputError, ModelNotFoundError
 from sif_inference.manifest import ModelManifest, Price
 from sif_inference.registry import ModelRegistry
@@ -321,18 +322,9 @@ def _cost(price: Price, usage: Usage) -> float:
 
 
 # ---------------------------------------------------------------- the instance the routes use
-_service: ApiService | None = None
-
-
-def install(service: ApiService) -> ApiService:
-    """Make `service` the one the routes use (the handler at cold start; tests to swap a dependency)."""
-    global _service
-    _service = service
-    return service
-
-
+@cache
 def get_service() -> ApiService:
-    """A Depends() provider for the routes."""
-    if _service is None:
-        raise RuntimeError("no ApiService installed: import sif_api.handler first")
-    return _service
+    """A Depends() provider for the routes: built once per cold start from the one Settings, reused while warm.
+
+    Tests swap it the powertools way: `app.dependency_overrides[get_service] = lambda: other`."""
+    return ApiService.from_settings(get_settings())

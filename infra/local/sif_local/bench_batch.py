@@ -177,7 +177,7 @@ def end_to_end(rows: int, runs: int, baseline_rows: int, threads: int) -> dict[s
 def serialisation(rows: int = 2000) -> dict[str, Any]:
     import numpy as np
 
-    from sif_core.scoring import format_vectors, round_significant
+    from sif_inference.rounding import format_vectors, round_significant
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((rows, 384)).astype(np.float32)
