@@ -48,5 +48,3 @@ def redrive(sqs: Any, dlq_url: str, queue_url: str, *, limit: int | None = None,
             sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=msg["ReceiptHandle"])
             moved += 1
     return moved
-
-
