@@ -21,7 +21,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.depends import Depends
 from aws_lambda_powertools.event_handler.openapi.params import Body, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sif_api.caller import Caller, current_caller
 from sif_api.errors import BadRequestError, ConflictError, NotFoundError
@@ -29,6 +29,7 @@ from sif_api.routes_meta import SECURITY
 from sif_api.schemas import ModelName, error_responses
 from sif_api.service import ApiService, get_service
 from sif_core.aws import presign_get
+from sif_core.callbacks import check_callback_url
 from sif_core.keys import BATCH_ID, OUTPUT_FILES, RESULTS_PREFIX, inbox_key
 from sif_core.routing import Accelerator, Route
 from sif_core.rows import Format
@@ -45,6 +46,16 @@ class CreateBatchRequest(BaseModel):
     model: ModelName
     format: Format = Field(default="jsonl", description="the file you will upload")
     accelerator: Accelerator = Field(default="auto", description="auto: the router decides from the file's size")
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="POSTed when the batch ends (the job events' schema), signed like job callbacks",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return check_callback_url(value)
 
 
 class CreateBatchResponse(BaseModel):
@@ -108,6 +119,7 @@ class BatchesApi:
             tenant=tenant,
             model=req.model,
             input_key=key,
+            callback_url=req.callback_url,
             details={
                 "origin": "api",
                 "format": req.format,
