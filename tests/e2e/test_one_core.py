@@ -328,3 +328,38 @@ def test_a_running_file_cancelled_stops_at_its_next_window_keeps_and_bills_what_
     predictions = tenant.read(file.output_prefix, "predictions.jsonl").splitlines()
     assert [json.loads(p)["id"] for p in predictions] == list(range(record.succeeded))
     assert tenant.billed() == (record.succeeded, record.succeeded)  # billed for what was scored, the rest released
+
+
+# ---------------------------------------------------------------------- one vector per text, on every path
+def test_the_same_text_gives_the_same_bytes_on_every_path_in_any_batch(new_tenant: Callable[..., Tenant]) -> None:
+    tenant = new_tenant()
+    texts = ["The quick brown fox", "hello", "A man is eating food in a small restaurant by the sea."]
+    others = [f"filler text number {i}, of a length of its own {'x' * (i * 7)}" for i in range(40)]
+
+    def api(batch: list[str]) -> dict[str, list[float]]:
+        resp = tenant.post("/v1/embeddings", {"model": MODEL, "input": batch})
+        assert resp.status_code == 200, resp.text
+        return {t: d["embedding"] for t, d in zip(batch, resp.json()["data"], strict=True)}
+
+    alone = {t: api([t])[t] for t in texts}
+    in_a_crowd = api(others[:20] + texts[::-1] + others[20:])
+    rows = [{"id": i, "text": t} for i, t in enumerate(others[::3] + texts + others)]
+    file = tenant.drop("mixed.jsonl", ("\n".join(json.dumps(r) for r in rows) + "\n").encode())
+    cpu = tenant.post("/v1/jobs", {"model": MODEL, "input": {"instances": texts + others}}).json()["id"]
+    gpu = tenant.post("/v1/jobs", {"model": MODEL, "input": {"instances": texts}, "accelerator": "gpu"}).json()["id"]
+    assert tenant.batch(file).status == "succeeded"
+    lines: dict[str, dict[str, str]] = {}
+    for name, prefix, ids in (
+        ("batch", file.output_prefix, {r["id"]: r["text"] for r in rows}),
+        ("cpu job", f"results/{tenant.id}/{MODEL}/{tenant.job(cpu)['id']}/", dict(enumerate(texts + others))),
+        ("gpu worker", f"results/{tenant.id}/{MODEL}/{tenant.job(gpu, 180)['id']}/", dict(enumerate(texts))),
+    ):
+        for line in tenant.read(prefix, "predictions.jsonl").decode().splitlines():
+            text = ids[json.loads(line)["id"]]
+            if text in texts:
+                lines.setdefault(text, {})[name] = line[line.index('"prediction":') :]
+    for text in texts:
+        assert in_a_crowd[text] == alone[text], text  # bitwise: the same floats, whatever the batch
+        serialized = set(lines[text].values())
+        assert len(lines[text]) == 3 and len(serialized) == 1, (text, lines[text].keys())
+        assert json.loads("{" + serialized.pop())["prediction"] == alone[text]

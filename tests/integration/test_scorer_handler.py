@@ -47,6 +47,11 @@ class Context:
 
 @pytest.fixture(scope="module")
 def scorer(local_stack: LocalStack) -> Iterator[ModuleType]:
+    yield from import_scorer(local_stack)
+
+
+def import_scorer(local_stack: LocalStack) -> Iterator[ModuleType]:
+    """The scorer's handler module, imported with the function's environment (as Lambda imports it)."""
     patch = pytest.MonkeyPatch()
     for key, value in local_stack.function_env("ScorerFunction").items():
         patch.setenv(key, value)

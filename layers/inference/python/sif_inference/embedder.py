@@ -1,7 +1,13 @@
-"""Text embeddings: tokenize, length-sorted micro-batches, one session run each, input order out."""
+"""Text embeddings: tokenize, run, input order out.
+
+On CPU each text runs alone on one thread (`pool`: one worker per usable CPU), so a vector is
+bitwise the same whatever its batch-mates, the call's size, the thread count or the instance, and
+no work is spent on padding. On a GPU texts go in length-sorted micro-batches: wide tensors are what
+a GPU is for (batch-invariance is a CPU promise)."""
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +20,7 @@ from sif_inference.tokenization import TextTokenizer
 
 if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on import
     import onnxruntime as ort
+    from tokenizers import Encoding
 
 MAX_BATCH_ITEMS = 32  # measured: 32 x 4096 beats 64 x 8192 by ~13% on int8 (cache-sized GEMMs)
 MAX_BATCH_TOKENS = 4096
@@ -31,10 +38,18 @@ class EmbeddingResult:
 
 
 class TextEmbedder:
-    def __init__(self, session: ort.InferenceSession, tokenizer: TextTokenizer, manifest: ModelManifest) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        tokenizer: TextTokenizer,
+        manifest: ModelManifest,
+        *,
+        pool: Executor | None = None,
+    ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.manifest = manifest
+        self.pool = pool  # set: one text per run, spread over the pool's threads (the CPU path)
         self.dim = manifest.output.dim
         self._input_names = {i.name for i in session.get_inputs()}
         self._output = manifest.output.name or session.get_outputs()[0].name
@@ -61,15 +76,22 @@ class TextEmbedder:
         encodings = self.tokenizer.encode(texts)
         lengths = [len(e.ids) for e in encodings]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for idx in length_sorted_batches(lengths, max_items=max_items, max_tokens=max_tokens):
-            batch = self.tokenizer.pad([encodings[i] for i in idx])
-            feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            if "token_type_ids" in self._input_names:
-                feed["token_type_ids"] = batch.token_type_ids
-            (vectors,) = self.session.run([self._output], feed)
-            out[idx] = vectors
+        if self.pool is not None:
+            for i, vector in enumerate(self.pool.map(lambda e: self._run([e])[0], encodings)):
+                out[i] = vector
+        else:
+            for idx in length_sorted_batches(lengths, max_items=max_items, max_tokens=max_tokens):
+                out[idx] = self._run([encodings[i] for i in idx])
         return EmbeddingResult(
             vectors=out,
             tokens=lengths,
             truncated=[self.tokenizer.was_truncated(e) for e in encodings],
         )
+
+    def _run(self, encodings: list[Encoding]) -> np.ndarray:
+        batch = self.tokenizer.pad(encodings)
+        feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if "token_type_ids" in self._input_names:
+            feed["token_type_ids"] = batch.token_type_ids
+        (vectors,) = self.session.run([self._output], feed)
+        return np.asarray(vectors, dtype=np.float32)

@@ -149,7 +149,7 @@ class ModelRegistry:
         return data
 
     def _load(self, manifest: ModelManifest, variant: str) -> LoadedModel:
-        from sif_inference.sessions import build_session
+        from sif_inference.sessions import build_session, on_gpu, run_pool
 
         prefetched = self._prefetched.pop((manifest.name, variant), None)
         files = prefetched.result() if prefetched is not None else {}
@@ -157,12 +157,18 @@ class ModelRegistry:
         def read(filename: str) -> bytes:
             return files.get(filename) or self.read_verified(manifest, filename)
 
-        session = build_session(read(manifest.variant_file(variant)), threads=self.threads)
         if manifest.task == "embedding":
             if manifest.tokenizer is None:
                 raise ModelNotFoundError(f"{manifest.name}: embedding model without a tokenizer")
             tok = TextTokenizer.from_bytes(read(manifest.tokenizer.file), manifest.tokenizer.max_length)
-            return LoadedModel(manifest, variant, session, embedder=TextEmbedder(session, tok, manifest))
+            if on_gpu():
+                session = build_session(read(manifest.variant_file(variant)), threads=self.threads)
+                return LoadedModel(manifest, variant, session, embedder=TextEmbedder(session, tok, manifest))
+            # CPU: single-threaded runs, one text each, spread over one thread per usable CPU (sessions.run_pool).
+            session = build_session(read(manifest.variant_file(variant)), threads=1)
+            embedder = TextEmbedder(session, tok, manifest, pool=run_pool(self.threads))
+            return LoadedModel(manifest, variant, session, embedder=embedder)
+        session = build_session(read(manifest.variant_file(variant)), threads=self.threads)
         from sif_inference.images import ImageClassifier
 
         return LoadedModel(manifest, variant, session, classifier=ImageClassifier(session, manifest))

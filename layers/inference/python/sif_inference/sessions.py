@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import onnxruntime as ort
 
@@ -38,3 +40,17 @@ def build_session(
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(model, sess_options=opts, providers=list(providers or choose_providers()))
+
+
+def on_gpu(providers: Sequence[str] | None = None) -> bool:
+    return (list(providers) if providers else choose_providers())[0] == "CUDAExecutionProvider"
+
+
+@cache
+def run_pool(workers: int | None = None) -> ThreadPoolExecutor:
+    """Threads that each run one single-threaded session call at a time (one per usable CPU).
+
+    On CPU an embedding is computed one text at a time on one thread: no padding at all, and the
+    same bytes whatever the batch, the thread count or the instance (int8's dynamic activation
+    scales are then per text, not per batch). Spreading texts over these threads uses every vCPU."""
+    return ThreadPoolExecutor(max_workers=workers or usable_cpus(), thread_name_prefix="sif-run")
