@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import tempfile
 import zipfile
@@ -18,10 +19,17 @@ log = logging.getLogger("sif_modelbuild.minilm")
 NAME = "all-minilm-l6-v2"
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
-# Acceptance thresholds against the PyTorch model (issue 2).
+# Acceptance thresholds against the PyTorch model, each text embedded alone as the CPU path serves it.
 FP32_MIN_COSINE = 0.9999
-INT8_MEAN_COSINE = 0.99
-INT8_P1_COSINE = 0.98
+INT8_MEAN_COSINE = 0.995
+INT8_P1_COSINE = 0.99
+# The MatMuls left in fp32: the feed-forward output projections of the first two layers, whose
+# activations carry the outliers that per-tensor dynamic activation scales lose most on. Measured on
+# the project's 1,000 texts, one text per run: all MatMuls int8 gave mean cosine 0.9933 / p1 0.9875;
+# excluding each layer's FFN output alone, layer 0 helped most (0.9946 / 0.9901), then layer 1; layers
+# 0 and 1 together give 0.9952 / 0.9913 at ~95% of the all-int8 speed (0-2: 0.9960 / 0.9923 at ~75%;
+# all six: 0.9964 / 0.9928 at ~66%). Static calibrated int8 was not needed.
+FP32_MATMULS = re.compile(r"/layer\.(0|1)/output/dense/MatMul$")
 
 
 def checkpoint_dir(work: Path) -> Path:
@@ -72,14 +80,20 @@ def export_fp32(ckpt: Path, out: Path) -> None:
 
 
 def quantize_int8(fp32: Path, out: Path, work: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = work / "pre.onnx"
     with contextlib.chdir(work):  # the pre-processor drops temporary files in the current directory
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    keep_fp32 = [
+        n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "MatMul" and FP32_MATMULS.search(n.name)
+    ]
+    if len(keep_fp32) != 2:
+        raise RuntimeError(f"expected the FFN output MatMuls of layers 0 and 1 in the graph, found {keep_fp32}")
     # Per-channel weights: per-tensor dynamic quantization loses too much here (mean cosine ~0.96).
-    quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(pre), str(out), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32)
 
 
 def torch_reference(ckpt: Path, texts: list[str]) -> np.ndarray:
@@ -94,12 +108,13 @@ def torch_reference(ckpt: Path, texts: list[str]) -> np.ndarray:
 def onnx_embeddings(out_dir: Path, variant_file: str, spec: dict[str, Any], texts: list[str]) -> np.ndarray:
     from sif_inference.embedder import TextEmbedder
     from sif_inference.manifest import ModelManifest
-    from sif_inference.sessions import build_session
+    from sif_inference.sessions import build_session, run_pool
     from sif_inference.tokenization import TextTokenizer
 
     manifest = ModelManifest.model_validate(spec)
     tok = TextTokenizer.from_file(out_dir / "tokenizer.json", spec["tokenizer"]["max_length"])
-    return TextEmbedder(build_session(str(out_dir / variant_file)), tok, manifest).embed(texts).vectors
+    session = build_session(str(out_dir / variant_file), threads=1)
+    return TextEmbedder(session, tok, manifest, pool=run_pool()).embed(texts).vectors  # as the CPU path serves
 
 
 def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
