@@ -36,7 +36,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy layers/inference/python/sif_inference layers/metering/python/sif_metering shared/sif_core \
 	  infra/local/sif_local infra/gpu_worker/sif_gpu_worker functions/api/sif_api \
-	  functions/authorizer/sif_authorizer functions/scorer/sif_scorer functions/worker/sif_worker
+	  functions/authorizer/sif_authorizer functions/scorer/sif_scorer functions/worker/sif_worker \
+	  functions/callbacks/sif_callbacks
 
 cfn-lint: $(STAMP)
 	$(BIN)/cfn-lint template.yaml

@@ -10,7 +10,11 @@ What makes a file a *batch* (the scoring, the record's life, metering and events
   one, and a batch finished at an ETag is never scored again);
 - on arrival (segment 0): rows estimated (`routing.estimate_rows`), the estimate reserved against
   the tenant's quota (a tenant out of quota: `failed`, reason `quota_exceeded`, nothing scored or
-  billed), then the route: CPU segments here, or the AWS Batch GPU queue.
+  billed), then the route: CPU segments here, or the AWS Batch GPU queue;
+- superseded: content put again under the key while a version is being scored stops that version
+  at its next window (`runner.still_current`): its outputs are aborted and its reservation released,
+  so only the newer upload's result is billed; its record (a direct drop's own) fails with reason
+  `superseded`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from sif_core import keys
 from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle
 from sif_core.routing import GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
 from sif_core.rows import FileFormatError, Format, detect_format
-from sif_core.runner import DeadlineReached, Outcome, Work, WorkRunner
+from sif_core.runner import DeadlineReached, Outcome, Work, WorkRunner, still_current
 from sif_core.s3io import S3Object, SourceChangedError
 from sif_core.scoring import Deadline
 from sif_core.work import TERMINAL, WorkRecord
@@ -34,6 +38,7 @@ from sif_metering.ledger import QuotaExceededError
 log = logging.getLogger("sif.filebatch")
 
 NotAnInboxFileError = keys.KeyFormatError
+SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -94,21 +99,26 @@ class FileBatches:
         self.runner = runner or WorkRunner(lifecycle)
 
     # ------------------------------------------------------------ records
-    def record(self, file: InboxFile) -> WorkRecord:
-        """The batch's record at this ETag: created for a direct drop, set to the upload for an API batch."""
-        record = self.lc.ensure(
-            WorkRecord(
-                id=file.batch_id,
-                kind="batch",
-                tenant=file.tenant,
-                model=file.model,
-                input_key=file.key,
-                output_prefix=file.output_prefix,
-                details={"etag": file.etag, "input": file.describe(), "origin": "inbox"},
-            )
+    def new_record(self, file: InboxFile) -> WorkRecord:
+        return WorkRecord(
+            id=file.batch_id,
+            kind="batch",
+            tenant=file.tenant,
+            model=file.model,
+            input_key=file.key,
+            output_prefix=file.output_prefix,
+            details={"etag": file.etag, "input": file.describe(), "origin": "inbox"},
         )
+
+    def record(self, file: InboxFile) -> WorkRecord:
+        """The batch's record at this ETag: created for a direct drop, set to the upload for an API batch.
+
+        SourceChangedError: the record names another upload and this one is not the object's current
+        version (a late event or hand-off of a superseded upload never takes the record back)."""
+        record = self.lc.ensure(self.new_record(file))
         if record.details.get("etag") == file.etag or record.status in ("cancelled", "expired"):
             return record
+        still_current(S3Object(self.s.s3, file.bucket, file.key, file.etag))
         # An upload to an API batch (or new content put again through its URL): this content's batch now.
         details = {k: v for k, v in record.details.items() if k not in ("routed", "gpu_job_id", "manifest", "reserved")}
         details.update(etag=file.etag, input=file.describe())
@@ -174,7 +184,10 @@ class FileBatches:
 
     def handle(self, file: InboxFile, segment: int, deadline: Deadline) -> Outcome:
         """One SQS message's worth: segment 0 accepts and routes the file; CPU segments score until the deadline."""
-        record = self.record(file)
+        try:
+            record = self.record(file)
+        except SourceChangedError as exc:
+            return self.superseded(file, self.new_record(file), exc)
         if record.status == "cancelled" and record.details.get("routed") == file.etag and file.fmt is not None:
             return self._finish_cancelled(file, record, segment)
         if self._finished(file, record):
@@ -205,13 +218,26 @@ class FileBatches:
                 return Outcome("skipped", file.batch_id, "gpu", reason="the GPU queue has this file")
             return self.runner.score(work, segment, deadline, route="cpu")
         except SourceChangedError as exc:
-            log.info("batch %s: %s; the newer upload's own event takes over", file.batch_id, exc)
-            return Outcome("skipped", file.batch_id, record.route, segment=segment, reason=str(exc))
+            return self.superseded(file, record, exc)
         except DeadlineReached as exc:
             if self.s.continue_with is None:
                 raise RuntimeError("a deadline was reached but there is no way to hand the file on") from exc
             self.s.continue_with(file, exc.next_segment)
             return Outcome("continued", file.batch_id, "cpu", segment=exc.next_segment)
+
+    def superseded(self, file: InboxFile, record: WorkRecord, error: SourceChangedError) -> Outcome:
+        """This version of the file was replaced (or deleted) before it was scored through: nothing of it
+        is billed. Its record fails with reason `superseded`, unless the record already names the newer
+        upload (a batch made with POST /v1/batches keeps one record for its current upload)."""
+        log.info("batch %s: %s; the newer upload's own event takes over", file.batch_id, error)
+        if file.fmt is None:  # nothing was scored or reserved
+            return Outcome("skipped", file.batch_id, record.route, reason=f"{SUPERSEDED}: {error}")
+        work = self.work(file, record)
+        current = self.lc.get(record)
+        if current is not None and current.details.get("etag") == file.etag and current.status not in TERMINAL:
+            return self.runner.fail(work, f"{SUPERSEDED}: {error}", reason=SUPERSEDED)
+        self.runner.discard(work)
+        return Outcome("skipped", file.batch_id, record.route, reason=f"{SUPERSEDED}: {error}")
 
     def _finish_cancelled(self, file: InboxFile, record: WorkRecord, segment: int) -> Outcome:
         """Cancelled after it was accepted: the rows scored so far are completed and billed, the rest released."""
@@ -245,7 +271,10 @@ class FileBatches:
 
     def give_up(self, file: InboxFile, error: BaseException | str, attempts: int) -> None:
         """The message's last receive failed: mark the batch failed before SQS dead-letters it."""
-        record = self.record(file)
+        try:
+            record = self.record(file)
+        except SourceChangedError:
+            return  # a superseded upload: the record is the newer one's
         if self._finished(file, record):
             return
         self.lc.give_up(record, error, attempts, file.metering_id)
@@ -262,7 +291,10 @@ class FileBatches:
             head = self.s.s3.head_object(Bucket=bucket, Key=key)
             etag, size = str(head["ETag"]), int(head["ContentLength"])
         file = InboxFile.parse(bucket, key, etag, int(size))
-        record = self.record(file)
+        try:
+            record = self.record(file)
+        except SourceChangedError as exc:
+            return self.superseded(file, self.new_record(file), exc)
         if record.status == "cancelled" and file.fmt is not None:
             return self._finish_cancelled(file, record, 0)
         if self._finished(file, record) or file.fmt is None:
@@ -270,4 +302,4 @@ class FileBatches:
         try:
             return self.runner.score(self.work(file, record), 0, Deadline.never(), route="gpu")
         except SourceChangedError as exc:
-            return Outcome("skipped", file.batch_id, "gpu", reason=str(exc))
+            return self.superseded(file, record, exc)

@@ -8,13 +8,21 @@ read as the JSONL file they describe, an `s3_uri` as the file it names, so the s
 same predictions.jsonl, errors.jsonl and manifest.json either way. A bad row goes to errors.jsonl
 (`on_error: "fail"` makes the job all-or-nothing instead).
 
-Two kinds of failure: `WorkFailedError` (the job itself is wrong: unknown model, unreadable input)
-fails the job at once; anything else is raised to the caller so the queue retries it, and on the
-last receive (`give_up`) the job is marked failed before the message moves to the dead-letter queue.
+An error that is a property of the data is never retried: a message that names a job but does not
+validate (`refuse`), an unknown model, an unreadable, unreadable-as-a-whole, too large or replaced
+input (`WorkFailedError` and friends) fail the job at once and the message is consumed. Anything
+else is raised to the caller so the queue retries it, and on the last receive (`give_up`) the job
+is marked failed before the message moves to the dead-letter queue; a message that names no job
+at all can only go there.
+
+A job id is one job: a message reusing an id for different content (`JobMessage.content_hash`,
+kept in the record's `details.content`) is refused as a conflict (`conflict`): logged and counted
+in the job's `details.conflicts`, the job itself left as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -27,7 +35,7 @@ from sif_core import keys
 from sif_core.callbacks import check_callback_url
 from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle, WorkFailedError, short_error
 from sif_core.routing import Accelerator, GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
-from sif_core.rows import ByteSource, BytesSource, Format, detect_format
+from sif_core.rows import ByteSource, BytesSource, FileFormatError, Format, detect_format
 from sif_core.runner import DeadlineReached, OnError, Outcome, Work, WorkRunner
 from sif_core.s3io import S3Object, SourceChangedError
 from sif_core.scoring import Deadline
@@ -39,6 +47,9 @@ from sif_metering.ledger import QuotaExceededError
 log = logging.getLogger("sif.jobs")
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# What a job *is* (its id aside): two messages with one id and different values here are a conflict.
+CONTENT_FIELDS = ("model", "variant", "input", "on_error", "accelerator", "callback_url")
+INVALID_MESSAGE = "invalid_message"
 MAX_INLINE_MESSAGE_BYTES = 240 * 1024  # SQS takes 256 KiB; bigger instance lists are staged in S3
 
 
@@ -91,6 +102,21 @@ class JobMessage(BaseModel):
     @property
     def metering_id(self) -> str:
         return f"job#{self.id}"
+
+    def content_hash(self) -> str:
+        """sha256 of what the job is (CONTENT_FIELDS): the same for every delivery of one message."""
+        content = self.model_dump(mode="json", include=set(CONTENT_FIELDS))
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def content_jmespath() -> str:
+    """CONTENT_FIELDS for powertools' `payload_validation_jmespath` (the worker's idempotency)."""
+    return "[" + ", ".join(CONTENT_FIELDS) + "]"
+
+
+def body_hash(body: str) -> str:
+    """What a message that does not validate is: its raw body."""
+    return "body:" + hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def loose_identity(body: str) -> tuple[str, str] | None:
@@ -182,7 +208,7 @@ class Jobs:
                 input_key=uri,
                 callback_url=job.callback_url,
                 rows=rows,
-                details={"source": "queue"},
+                details={"source": "queue", **({"content": job.content_hash()} if isinstance(job, JobMessage) else {})},
             )
         )
 
@@ -238,6 +264,9 @@ class Jobs:
         from its checkpoint, rather than killed by the Lambda timeout: the router's estimate was off.
         """
         record = self.record(job, job.route or "cpu")
+        content = job.content_hash()
+        if record.details.setdefault("content", content) != content:  # kept by the first write of details
+            return self.conflict(job.tenant, job.id, "the job id was already used for a different job")
         if record.status == "cancelled":
             return self._cancelled(job, record)
         if record.status in TERMINAL:
@@ -251,6 +280,15 @@ class Jobs:
             return self._fail(job, record, exc, "unknown_model")
         except WorkFailedError as exc:
             return self._fail(job, record, exc, exc.reason or "bad_input")
+        except FileFormatError as exc:
+            return self._fail(job, record, exc, "bad_file")
+        except SourceChangedError as exc:
+            return self._fail(job, record, f"the input changed while it was read: {exc}", "input_changed")
+        limit = manifest.limits.max_batch_rows
+        if rows > limit:
+            return self._fail(
+                job, record, f"the input has about {rows} rows; {job.model} takes at most {limit}", "too_large"
+            )
         if "reserved" not in record.details:  # a job put straight on the queue: reserved here, not by the API
             try:
                 self.lc.reserve(record, rows, job.metering_id)
@@ -264,11 +302,11 @@ class Jobs:
         try:
             return self.runner.score(work, 0, deadline or Deadline.never(), route="cpu")
         except SourceChangedError as exc:
-            return self._fail(job, record, f"the input changed while it was read: {exc}", "input_changed")
+            return self.runner.fail(work, f"the input changed while it was read: {exc}", reason="input_changed")
         except DeadlineReached as exc:
             log.warning("job %s: %s; handing it to the GPU queue", job.id, exc)
             record.details.update(handed_off=str(exc))
-            self.s.store.update(job.tenant, "job", job.id, status="queued", details=record.details)
+            self.lc.update(record, status="queued", details=record.details)
             return self.submit_gpu(job, record)
 
     def _cancelled(self, job: JobMessage | GpuJobSpec, record: WorkRecord) -> Outcome:
@@ -319,6 +357,37 @@ class Jobs:
         except WorkFailedError as exc:
             self.lc.fail(record, describe_error(exc), reason=exc.reason or "bad_input", metering_id=f"job#{spec.id}")
             return Outcome("failed", spec.id, "gpu", reason=describe_error(exc))
+
+    def refuse(self, body: str, error: ValidationError) -> Outcome | None:
+        """A message that names a job but is not a valid one: the job fails now with the validation error
+        (no receive would make it valid) and the message is consumed. None: it names no job."""
+        identity = loose_identity(body)
+        if identity is None:
+            return None
+        job_id, tenant = identity
+        data = json.loads(body)
+        model = data.get("model") if isinstance(data.get("model"), str) else "unknown"
+        content = body_hash(body)
+        record = self.lc.ensure(
+            WorkRecord(
+                id=job_id, kind="job", tenant=tenant, model=model, details={"source": "queue", "content": content}
+            )
+        )
+        if record.details.get("content") != content:
+            return self.conflict(tenant, job_id, "an invalid message reuses the id of another job")
+        if record.status in TERMINAL:
+            return Outcome("skipped", job_id, record.route, reason=f"already {record.status}")
+        message = describe_error(error)
+        self.lc.fail(record, message, reason=INVALID_MESSAGE)
+        return Outcome("failed", job_id, record.route, reason=message)
+
+    def conflict(self, tenant: str, job_id: str, why: str) -> Outcome:
+        """A message reusing a job's id for different content: refused, logged and counted on the job
+        (`details.conflicts`), the job itself left as it is."""
+        record = self.s.store.get(tenant, "job", job_id)
+        count = self.lc.count(record, "conflicts") if record is not None else 0
+        log.warning("job %s of tenant %s: %s; the message is refused (conflict %d)", job_id, tenant, why, count)
+        return Outcome("skipped", job_id, record.route if record else "cpu", reason=f"conflict: {why}")
 
     def give_up(self, body: str, error: BaseException | str, attempts: int) -> None:
         """The message's last receive failed: mark the job failed before SQS moves it to the DLQ."""

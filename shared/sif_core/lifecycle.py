@@ -6,7 +6,8 @@ through this one class:
 - **create** with the race handled (two deliveries creating one record keep the first);
 - **reserve** the work's estimated size against the tenant's monthly quota when it is accepted
   (QuotaExceededError when it does not fit: nothing runs, nothing is billed); the reservation is
-  extended while scoring and settled to the exact count at the end, so billed never exceeds the quota;
+  extended while scoring and settled to the exact count at the end, so billed never exceeds the quota
+  (work that scored no row is released instead: nothing billed, not even a call);
 - **running / progress** on one cadence (every PROGRESS_EVERY_S, and at the end);
 - **succeed**: metered first (a crash after it re-runs, and the ledger keeps the first bill), then
   the record, then the announcement;
@@ -40,6 +41,9 @@ log = logging.getLogger("sif.lifecycle")
 PROGRESS_EVERY_S = 2.0
 MAX_ERROR_CHARS = 1000
 QUOTA_EXCEEDED = "quota_exceeded"
+# Counted on the record by other deliveries while the work runs (a refused conflicting message): a
+# run writing its own copy of `details` carries the stored value over instead of resetting it.
+COUNTED_DETAILS = ("conflicts",)
 
 
 class WorkFailedError(Exception):
@@ -102,7 +106,21 @@ class Lifecycle:
 
     def update(self, record: WorkRecord, **fields: Any) -> bool:
         """Set fields on a record that has not finished (False: it had)."""
+        if "details" in fields:
+            fields["details"] = self._with_counted(record, fields["details"])
         return self.s.store.update(record.tenant, record.kind, record.id, only_if_not_terminal=True, **fields)
+
+    def _with_counted(self, record: WorkRecord, details: dict[str, Any]) -> dict[str, Any]:
+        stored = self.get(record)
+        counted = {k: stored.details[k] for k in COUNTED_DETAILS if stored is not None and k in stored.details}
+        return {**details, **counted} if counted else details
+
+    def count(self, record: WorkRecord, name: str) -> int:
+        """Add one to `details[name]` of the record, finished or not (e.g. `conflicts`); returns the new count."""
+        stored = self.get(record) or record
+        value = int(stored.details.get(name, 0)) + 1
+        self.s.store.update(record.tenant, record.kind, record.id, details={**stored.details, name: value})
+        return value
 
     def running(self, record: WorkRecord, route: str, **details: Any) -> bool:
         merged = {**record.details, **details, "runs": int(record.details.get("runs", 0)) + 1}
@@ -146,8 +164,15 @@ class Lifecycle:
         self.s.ledger.extend(record.tenant, metering_id, units, limit)
 
     def settle(self, usage: Usage) -> None:
-        """Bill exactly `usage` against its reservation (the rest goes back); once, whatever is retried."""
-        if self.s.ledger is not None:
+        """Bill exactly `usage` against its reservation (the rest goes back); once, whatever is retried.
+
+        No row scored (an empty or header-only file, work stopped before its first row): the
+        reservation is released and nothing is billed, not even a call."""
+        if self.s.ledger is None:
+            return
+        if usage.inputs <= 0:
+            self.s.ledger.release(usage.tenant, usage.request_id)
+        else:
             self.s.ledger.settle(usage, usage.request_id)
 
     def release(self, record: WorkRecord, metering_id: str) -> None:
@@ -203,7 +228,7 @@ class Lifecycle:
             "succeeded": succeeded,
             "failed": failed,
             "finished_at": time.time(),
-            "details": {**record.details, "reason": reason},
+            "details": self._with_counted(record, {**record.details, "reason": reason}),
         }
         if status == "cancelled":  # the record already says cancelled: only the counts change
             self.s.store.update(record.tenant, record.kind, record.id, **fields)
@@ -277,9 +302,11 @@ class Lifecycle:
         )
         self.s.announcer.publish(event)
         if record.callback_url:
+            # Queued, never delivered here: a slow receiver must not hold this work's worker (the callback
+            # function delivers it and records `callback_delivered`; a callback not queued is recorded now).
             key = prefix + OUTPUT_FILES["predictions"] if prefix and has_output else None
-            delivered = self.s.announcer.call_back(record.callback_url, event, key)
-            self.s.store.update(record.tenant, record.kind, record.id, callback_delivered=delivered)
+            if not self.s.announcer.queue_callback(record.callback_url, event, key):
+                self.s.store.update(record.tenant, record.kind, record.id, callback_delivered=False)
 
 
 def record_for(kind: Kind, tenant: str, work_id: str, model: str, **fields: Any) -> WorkRecord:

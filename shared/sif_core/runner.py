@@ -5,7 +5,13 @@ which results folder, billed under which id. The worker function (jobs), the sco
 files) and the GPU worker (either, routed to AWS Batch) all call `WorkRunner.score`, which drives
 `sif_core.scoring.score_file` with S3 outputs and an S3 checkpoint, and asks before every window
 whether to go on: not when the work was cancelled, not past the quota reserved for it (extended as
-it grows, while the tenant's quota allows), not after a bad row when the work is all-or-nothing.
+it grows, while the tenant's quota allows), not after a bad row when the work is all-or-nothing,
+not once its S3 input is no longer the version being scored. A replaced (or deleted) input stops
+the run: its outputs are aborted and its reservation released, nothing of it is billed, and
+`SourceChangedError` tells the caller, which decides what the record says.
+
+Work that scored no row (an empty or header-only file, stopped before its first row) bills nothing:
+its reservation is released, not settled (`Lifecycle.settle`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Literal
 from sif_core.keys import OUTPUT_FILES, checkpoint_key, s3_uri
 from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle, WorkFailedError, short_error
 from sif_core.rows import ByteSource, FileFormatError, Format
-from sif_core.s3io import S3CheckpointStore, S3ResultSink, SourceChangedError
+from sif_core.s3io import S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
 from sif_core.scoring import Checkpoint, Deadline, Progress, ScoreConfig, file_model, score_file
 from sif_core.work import WorkRecord
 from sif_inference.errors import InferenceError
@@ -89,6 +95,7 @@ class _Gate:
             self.checked = now
             if self.lc.status(self.work.record) == "cancelled":
                 return "cancelled"
+            still_current(self.work.source)
         need = state.succeeded + rows
         if self.lc.s.ledger is not None and need > self.reserved:
             more = max(need - self.reserved, self.reserved // 4, rows)
@@ -113,6 +120,16 @@ class WorkRunner:
 
     def checkpoints(self, work: Work) -> S3CheckpointStore:
         return S3CheckpointStore(self.s.s3, self.s.settings.results_bucket, checkpoint_key(work.output_prefix))
+
+    def discard(self, work: Work) -> None:
+        """Drop an unfinished run: its multipart outputs aborted, its checkpoint cleared, its reservation
+        released (nothing of it is billed). Idempotent."""
+        store = self.checkpoints(work)
+        state = store.load()
+        if state is not None:
+            self.sink(work).abort(state.sink_state)
+            store.clear()
+        self.lc.release(work.record, work.metering_id)
 
     def fail(self, work: Work, error: str | BaseException, *, reason: str | None = None) -> Outcome:
         """The work failed as a whole: unfinished outputs dropped, a manifest that says why, nothing billed."""
@@ -143,7 +160,8 @@ class WorkRunner:
         """Score `work` from its checkpoint until done or `deadline` (then DeadlineReached, checkpoint saved).
 
         Work cancelled meanwhile stops before its next window: the outputs are completed with the rows
-        scored so far and billed for them (a cancellation before the first row bills nothing)."""
+        scored so far and billed for them (a cancellation before the first row bills nothing). An input
+        replaced or deleted meanwhile: the run is discarded and SourceChangedError raised."""
         record = work.record
         store = self.checkpoints(work)
         checkpoint = store.load()
@@ -186,6 +204,11 @@ class WorkRunner:
             return self.fail(work, exc, reason="bad_file")
         except WorkFailedError as exc:
             return self.fail(work, exc, reason=exc.reason)
+        except InferenceError as exc:  # raised on purpose by the core for what it was given: no retry helps
+            return self.fail(work, exc, reason="bad_input")
+        except SourceChangedError:
+            self.discard(work)
+            raise
         state = summary.checkpoint
         if not summary.done:
             raise DeadlineReached(summary.next_segment, state.rows)
@@ -246,6 +269,15 @@ class WorkRunner:
         """Cancelled before any row was scored: what was reserved goes back, nothing is written or billed."""
         self.lc.release(work.record, work.metering_id)
         return Outcome("cancelled", work.record.id, work.record.route, reason="cancelled before it ran")
+
+
+def still_current(source: ByteSource) -> None:
+    """SourceChangedError when an S3 input is no longer the version (ETag) being scored.
+
+    A GET already streaming keeps serving the old version, so a replacement is only seen by asking:
+    a HEAD with IfMatch (`S3Object.size` of a fresh view of the same object and ETag)."""
+    if isinstance(source, S3Object) and source.etag:
+        _ = S3Object(source.s3, source.bucket, source.key, source.etag).size
 
 
 def _first_error(s3: Any, bucket: str, prefix: str) -> str:

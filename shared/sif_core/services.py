@@ -11,8 +11,6 @@ from typing import Any
 
 from sif_core import tenants
 from sif_core.announce import Announcer
-from sif_core.aws import presign_get
-from sif_core.callbacks import callback_policy_for
 from sif_core.lifecycle import CoreServices, Lifecycle
 from sif_core.settings import Settings
 from sif_core.work import WorkStore
@@ -23,18 +21,22 @@ def core_services(settings: Settings, **overrides: Any) -> CoreServices:
     from sif_metering.ledger import UsageLedger
 
     s3 = overrides.get("s3") or client("s3")
+    # With the tenants table, a reservation refuses a disabled or deleted tenant (a ConditionCheck).
+    tenants_table = settings.tenants_table or None
     values: dict[str, Any] = {
         "settings": settings,
         "s3": s3,
         "store": WorkStore(table(settings.work_table)),
-        "ledger": UsageLedger(client("dynamodb"), settings.usage_table) if settings.usage_table else None,
+        "ledger": UsageLedger(client("dynamodb"), settings.usage_table, tenants_table=tenants_table)
+        if settings.usage_table
+        else None,
         "batch": client("batch"),
         "announcer": Announcer(
             sns=client("sns") if settings.job_topic_arn else None,
             topic_arn=settings.job_topic_arn,
-            secret=settings.secret(),
-            policy=callback_policy_for(settings),
-            presign=lambda key: presign_get(s3, settings.results_bucket, key, settings.presign_ttl_s),
+            # callbacks are only queued here; the callback function signs and delivers them
+            sqs=client("sqs") if settings.callbacks_queue_url else None,
+            callbacks_queue_url=settings.callbacks_queue_url,
         ),
     }
     if settings.tenants_table:

@@ -1,9 +1,9 @@
 """The one Settings: read from the environment (prefix SIF_) once, at a handler's import.
 
-Logic receives values from here, never reads os.environ itself. Secrets are SecretStr and have
-no default: a deployment without CallbackSigningSecret sends no callbacks rather than signing
-with a well-known key. `local` says the code runs on the local stack (callbacks may reach
-127.0.0.1 there); it is an explicit field, not a variable read deep in the logic.
+Logic receives values from here, never reads os.environ itself. No secret comes from here: each
+tenant's callback signing secret lives in its profile item in the tenants table, readable only by
+the callback function (`sif_core.tenants`). `local` says the code runs on the local stack (callbacks
+may reach 127.0.0.1 there); it is an explicit field, not a variable read deep in the logic.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,7 +31,11 @@ class Settings(BaseSettings):
     job_topic_arn: str = ""
     model_cache_dir: Path = Path("/tmp/sif-models")  # noqa: S108 - Lambda's only writable place
     presign_ttl_s: int = 3600
-    callback_secret: SecretStr | None = None
+    # Callbacks: queued by the lifecycle on the callbacks queue, delivered by the callback function.
+    callbacks_queue_url: str = ""
+    callback_timeout_s: float = 5.0  # per socket operation of one delivery attempt
+    callback_retry_base_s: float = 5.0  # backoff between attempts: base, 2 x base, ... at most max
+    callback_retry_max_s: float = 900.0
     local: bool = False
     # A batch created with POST /v1/batches whose file never arrives expires this long after its upload URL.
     upload_grace_s: int = 600
@@ -40,9 +43,6 @@ class Settings(BaseSettings):
     @classmethod
     def from_env(cls) -> Settings:
         return cls()
-
-    def secret(self) -> str | None:
-        return self.callback_secret.get_secret_value() if self.callback_secret else None
 
 
 @lru_cache(maxsize=1)

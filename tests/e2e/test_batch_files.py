@@ -4,9 +4,10 @@ Files go into the inbox bucket under incoming/{tenant}/{model}/; moto's S3 notif
 event on the inbox queue; the local poller invokes the scorer function (its own process, Lambda's
 SQS event, partial batch responses); results appear in the results bucket.
 
-The scorer's Timeout is shortened to SCORER_TIMEOUT_S here (and the queue's visibility timeout to
-just above it), so a 10k-row file usually needs several invocations (hand-offs) and a killed invocation is
-redelivered within seconds rather than the 30 minutes the deployed queue would wait.
+The scorer's Timeout is shortened to SCORER_TIMEOUT_S here, so a 10k-row file usually needs several
+invocations (hand-offs), and the queue's visibility timeout to just above it, so a failed record is
+retried within seconds. (A killed scorer comes back through its lease whatever the queue says: see
+test_recovery.py, which runs with the template's own settings.)
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
-import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from sif_core.filebatch import InboxFile
 from sif_core.work import TERMINAL, WorkStore
 from sif_local.pollers import start_pollers
 from sif_local.stack import LocalStack
+from sif_metering.ledger import UsageLedger
 from sif_modelbuild.testimages import make_test_images
 
 pytestmark = pytest.mark.e2e
@@ -63,12 +64,13 @@ class Inbox:
         self.results = stack.bucket("results")
         self.tenant = str(stack.demo_tenant["tenant_id"]) if stack.demo_tenant else "t_demo"
         self.work = WorkStore(stack.table("WorkTable"))
+        self.ledger = UsageLedger(stack.client("dynamodb"), stack.table_name("usage"))
 
-    def key(self, name: str, model: str = MODEL) -> str:
-        return f"incoming/{self.tenant}/{model}/{name}"
+    def key(self, name: str, model: str = MODEL, tenant: str | None = None) -> str:
+        return f"incoming/{tenant or self.tenant}/{model}/{name}"
 
-    def put(self, name: str, body: bytes, model: str = MODEL) -> InboxFile:
-        key = self.key(name, model)
+    def put(self, name: str, body: bytes, model: str = MODEL, tenant: str | None = None) -> InboxFile:
+        key = self.key(name, model, tenant)
         resp = self.s3.put_object(Bucket=self.inbox, Key=key, Body=body)
         return InboxFile.parse(self.inbox, key, resp["ETag"], len(body))
 
@@ -215,6 +217,10 @@ def test_empty_file_and_zero_byte_object(inbox: Inbox) -> None:
         assert inbox.output(file, "predictions.jsonl") == b""
         assert inbox.output(file, "errors.jsonl") == b""
         assert inbox.manifest(file)["rows"] == 0
+        # nothing scored, nothing billed (not even a call): the reservation goes back
+        assert inbox.usage_events(file) == [], name
+        reservation = inbox.ledger.reservation(file.metering_id)
+        assert reservation is not None and reservation.state == "released", name
 
 
 def test_a_file_that_cannot_be_read_fails_with_a_reason(inbox: Inbox) -> None:
@@ -288,45 +294,41 @@ def wait_for_empty_queue(inbox: Inbox, timeout_s: float = 60.0) -> None:
     raise AssertionError("the inbox queue did not drain")
 
 
-def function_pids(function_name: str) -> list[int]:
-    """Our child processes that are instances of `function_name` (the pollers' function processes)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and f"AWS_LAMBDA_FUNCTION_NAME={function_name}".encode() in environ:
-            pids.append(int(proc.name))
-    return pids
+def test_a_file_replaced_while_it_is_scored_bills_only_the_new_version(inbox: Inbox, local_stack: LocalStack) -> None:
+    info, _ = local_stack.create_tenant(f"replace-{uuid.uuid4().hex[:6]}", monthly_calls=0)
+    tenant = str(info["tenant_id"])
+    old = inbox.put(
+        "replaced.jsonl", jsonl([{"id": i, "text": t} for i, t in enumerate(short_texts(8000))]), tenant=tenant
+    )
 
+    def scoring() -> bool:
+        record = inbox.work.get(tenant, "batch", old.batch_id)
+        return record is not None and record.status == "running" and record.rows > 0
 
-def test_a_killed_scorer_resumes_with_no_row_missing_or_repeated(inbox: Inbox) -> None:
-    texts = short_texts(2500)
-    body = jsonl([{"id": i, "text": t} for i, t in enumerate(texts)])
-    reference = inbox.put("crash/reference.jsonl", body)
-    inbox.wait(reference, timeout_s=180)
-    file = inbox.put("crash/victim.jsonl", body)
-    checkpoint_key = file.output_prefix + "_state/checkpoint.json.gz"
-    deadline = time.monotonic() + 90
-    killed = 0
-    while time.monotonic() < deadline and not killed:
-        listing = inbox.s3.list_objects_v2(Bucket=inbox.results, Prefix=checkpoint_key).get("Contents", [])
-        if listing:  # a checkpoint is written: kill the function instance mid-file, as a crash would
-            for pid in function_pids(inbox.stack.name("ScorerFunction")):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-        time.sleep(0.05)
-    assert killed, "no checkpoint appeared to crash after"
-    record = inbox.wait(file, timeout_s=180)
-    assert record.status == "succeeded" and (record.rows, record.failed) == (2500, 0)
-    assert inbox.output(file, "predictions.jsonl") == inbox.output(reference, "predictions.jsonl")
-    assert [p["id"] for p in inbox.lines(file, "predictions.jsonl")] == list(range(2500))
-    (usage,) = inbox.usage_events(file)
-    assert int(usage["inputs"]) == 2500
+    deadline = time.monotonic() + 120
+    while not scoring():
+        assert time.monotonic() < deadline, "the first version never started scoring"
+        time.sleep(0.1)
+    new = inbox.put(
+        "replaced.jsonl", jsonl([{"id": i, "text": t} for i, t in enumerate(short_texts(500))]), tenant=tenant
+    )
+
+    superseded = inbox.wait(old, timeout_s=120)
+    assert superseded.status == "failed" and superseded.reason == "superseded", superseded
+    assert superseded.error is not None and "was replaced" in superseded.error
+    record = inbox.wait(new, timeout_s=120)
+    assert record.status == "succeeded" and (record.rows, record.succeeded) == (500, 500)
+    assert len(inbox.lines(new, "predictions.jsonl")) == 500
+    # The superseded version: outputs aborted (no object, no open upload), a manifest that says why, nothing billed.
+    assert inbox.result_keys(old) == ["manifest.json"]
+    uploads = inbox.s3.list_multipart_uploads(Bucket=inbox.results, Prefix=old.output_prefix).get("Uploads", [])
+    assert uploads == []
+    assert inbox.manifest(old)["reason"] == "superseded"
+    assert inbox.usage_events(old) == []
+    (usage,) = inbox.usage_events(new)
+    assert int(usage["inputs"]) == 500
+    assert inbox.ledger.month_units(tenant) == 500  # billed: exactly the rows of the result
+    assert inbox.ledger.month_reserved(tenant) == 0  # and no reservation left open
 
 
 # ---------------------------------------------------------------------- routing and recursion

@@ -23,6 +23,7 @@ import requests
 
 from sif_core.callbacks import verify_signature
 from sif_core.settings import Settings
+from sif_core.tenants import callback_secret
 from sif_core.work import WorkRecord, WorkStore
 from sif_local.cli import main as sif
 from sif_local.stack import LocalStack, start_workers
@@ -253,6 +254,29 @@ def test_duplicate_message_one_run_one_bill(running: Jobs, job_events: Callable[
     assert event["type"] == "job.succeeded" and event["tenant"] == tenant_id and event["rows"] == 4
 
 
+def test_a_job_id_sent_again_with_other_content_is_a_conflict(
+    running: Jobs, job_events: Callable[[str], list[dict[str, Any]]]
+) -> None:
+    tenant_id, client = new_tenant(running)
+    job_id = f"j_conflict{uuid.uuid4().hex[:10]}"
+    first = {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": ["one", "two", "three"]}}
+    send_job(running, first)
+    done = client.wait(job_id)
+    assert done["status"] == "succeeded" and done["rows"] == 3
+    output = requests.get(done["output_url"], timeout=30).content
+
+    send_job(running, {**first, "input": {"instances": ["something", "else"]}})  # a raw producer reusing the id
+    eventually(lambda: work_record(running, tenant_id, job_id).details.get("conflicts") == 1, what="the conflict")
+    eventually(lambda: queue_depth(running, "jobs") == 0, what="the conflicting message consumed")
+    after = client.job(job_id).json()
+    assert (after["status"], after["rows"], after["succeeded"]) == ("succeeded", 3, 3)
+    assert requests.get(after["output_url"], timeout=30).content == output  # the first job untouched
+    assert work_record(running, tenant_id, job_id).details["runs"] == 1
+    total = client.usage()["total"]
+    assert total["calls"] == 1 and total["inputs"] == 3, total
+    assert [e["type"] for e in job_events(job_id)] == ["job.succeeded"]
+
+
 # ---------------------------------------------------------------------- failures, the DLQ and redrive
 @pytest.fixture
 def quick_retries(running: Jobs) -> Iterator[None]:
@@ -267,28 +291,78 @@ def quick_retries(running: Jobs) -> Iterator[None]:
         sqs.set_queue_attributes(QueueUrl=url, Attributes=before)
 
 
-def test_poison_job_dead_letters_fails_visibly_and_redrives(
-    running: Jobs, tenant: tuple[str, Client], quick_retries: None
-) -> None:
+def test_an_invalid_job_message_fails_at_its_first_receive(running: Jobs, tenant: tuple[str, Client]) -> None:
+    """A schema error is a property of the data: the job fails at once and the message is consumed."""
     tenant_id, client = tenant
-    job_id = f"j_poison{uuid.uuid4().hex[:8]}"
-    # Valid JSON naming a job, but not a job: every receive fails until SQS dead-letters it.
+    dead_letters = queue_depth(running, "jobs_dlq")
+    job_id = f"j_invalid{uuid.uuid4().hex[:8]}"
     send_job(running, {"id": job_id, "tenant": tenant_id, "model": MODEL, "input": {"instances": "not a list"}})
-    eventually(lambda: queue_depth(running, "jobs_dlq") == 1, timeout_s=60, what="the poison message in the DLQ")
-    status = client.wait(job_id)
+    # no quick retries here: a retry would come back after the queue's 30 minutes, long past this wait
+    status = client.wait(job_id, timeout_s=60)
     assert status["status"] == "failed"
-    assert status["error"].startswith("gave up after 5 attempts: invalid job message: input.instances")
-    first_failure = status["updated_at"]
+    assert status["error"] == "invalid job message: input.instances: Input should be a valid array", status
+    record = work_record(running, tenant_id, job_id)
+    assert record.reason == "invalid_message" and "gave up" not in str(record.error)
+    eventually(lambda: queue_depth(running, "jobs") == 0, what="the invalid message consumed")
+    assert queue_depth(running, "jobs_dlq") == dead_letters
 
+
+def test_a_message_naming_no_job_dead_letters_after_max_receives_and_redrives(
+    running: Jobs, quick_retries: None
+) -> None:
+    """What names no job cannot be failed visibly: it is retried, then dead-lettered, and redrive puts it back."""
+    sqs, dlq = running.stack.client("sqs"), running.stack.queue_url("jobs_dlq")
+    before = queue_depth(running, "jobs_dlq")
+    marker = f"not a job {uuid.uuid4().hex}"
+    send_job(running, marker)
+    eventually(lambda: queue_depth(running, "jobs_dlq") == before + 1, timeout_s=60, what="the message in the DLQ")
+
+    def dead_lettered() -> dict[str, Any] | None:
+        messages = sqs.receive_message(
+            QueueUrl=dlq, MaxNumberOfMessages=10, AttributeNames=["All"], VisibilityTimeout=0, WaitTimeSeconds=0
+        )
+        return next((m for m in messages.get("Messages", []) if m["Body"] == marker), None)
+
+    message = eventually_value(dead_lettered, what="the message readable in the DLQ")
+    assert int(message["Attributes"]["ApproximateReceiveCount"]) >= 1
     stack_json = str(running.stack.stack_json_path)
     assert sif(["--stack-json", stack_json, "jobs", "redrive"]) == 0
     assert queue_depth(running, "jobs_dlq") == 0
     # Back on the jobs queue, the worker takes it again (five more receives) and it returns to the DLQ.
-    eventually(lambda: queue_depth(running, "jobs_dlq") == 1, timeout_s=60, what="the redriven message back in the DLQ")
-    again = client.wait(job_id, until=lambda s: s["updated_at"] > first_failure)
-    assert again["status"] == "failed" and again["error"].startswith("gave up after 5 attempts")
-    assert sif(["--stack-json", stack_json, "jobs", "redrive", "--max", "1"]) == 0
-    eventually(lambda: queue_depth(running, "jobs_dlq") == 1, timeout_s=60, what="the DLQ holding it a third time")
+    eventually(lambda: queue_depth(running, "jobs_dlq") >= 1, timeout_s=60, what="the redriven message back")
+    assert dead_lettered() is not None
+    sqs.purge_queue(QueueUrl=dlq)  # leave the DLQ as the other tests found it
+
+
+def eventually_value(check: Callable[[], Any], timeout_s: float = 60, what: str = "value") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout_s} s")
+
+
+# ---------------------------------------------------------------------- progress
+def test_a_staged_job_reports_byte_progress_while_it_runs(running: Jobs) -> None:
+    """Instances too big for one SQS message are staged in S3 and read as that file: progress moves."""
+    tenant_id, client = new_tenant(running)
+    texts = [f"{REFERENCE['texts'][3]} (copy {i})" for i in range(3000)]  # ~290 KB: over one SQS message
+    resp = client.post_job({"model": MODEL, "input": {"instances": texts}})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    seen: list[float] = []
+
+    def sampled(status: dict[str, Any]) -> bool:
+        if status["status"] == "running":
+            seen.append(float(status["progress"]))
+        return status["status"] in ("succeeded", "failed")
+
+    status = client.wait(job_id, timeout_s=180, until=sampled)
+    assert status["status"] == "succeeded" and status["rows"] == 3000 and status["progress"] == 1.0, status
+    assert str(work_record(running, tenant_id, job_id).input_key).startswith("s3://")  # staged
+    assert any(0 < p < 1 for p in seen), seen
 
 
 # ---------------------------------------------------------------------- the GPU path
@@ -363,7 +437,8 @@ class Hook:
 
 
 def test_callback_is_signed_and_retried(running: Jobs, tenant: tuple[str, Client]) -> None:
-    _, client = tenant
+    """Delivered by the callback function from the callbacks queue, signed with the tenant's own secret."""
+    tenant_id, client = tenant
     hook = Hook()
     try:
         resp = client.post_job({"model": MODEL, "input": {"instances": ["call me back"]}, "callback_url": hook.url})
@@ -371,14 +446,22 @@ def test_callback_is_signed_and_retried(running: Jobs, tenant: tuple[str, Client
         assert hook.arrived.wait(60), "no callback arrived"
     finally:
         hook.server.shutdown()
-    secret = running.stack.function_env("WorkerFunction")["SIF_CALLBACK_SECRET"]
-    assert len(hook.calls) == 2  # refused once (503), retried with backoff, taken
+    secret = callback_secret(running.stack.table("TenantsTable"), tenant_id)
+    assert secret and "SIF_CALLBACK_SECRET" not in running.stack.function_env("WorkerFunction")
+    assert len(hook.calls) == 2  # refused once (503), retried with backoff (the queue's), taken
     for headers, body in hook.calls:
         assert verify_signature(secret, headers, body)
         assert not verify_signature("some-other-secret", headers, body)
     payload = json.loads(hook.calls[-1][1])
     assert payload["id"] == job_id and payload["status"] == "succeeded" and payload["rows"] == 1
     assert len(predictions(payload["output_url"])) == 1
+    table = running.stack.table("WorkTable")
+    key = WorkStore.key(tenant_id, "job", job_id)
+    eventually(
+        lambda: table.get_item(Key=key, ConsistentRead=True)["Item"].get("callback_delivered") is True,
+        timeout_s=30,
+        what="callback_delivered recorded",
+    )
 
 
 def date_of(ts: float) -> Any:

@@ -12,7 +12,15 @@ from datetime import UTC, date, datetime
 import pytest
 
 from sif_core.aws import client
-from sif_metering import NO_QUOTA, QuotaExceededError, ReservationError, Usage, UsageLedger, cost_usd
+from sif_metering import (
+    NO_QUOTA,
+    QuotaExceededError,
+    ReservationError,
+    TenantInactiveError,
+    Usage,
+    UsageLedger,
+    cost_usd,
+)
 from sif_metering.ledger import seconds_to_next_month
 
 
@@ -288,3 +296,104 @@ def test_cost_and_month_boundary():
     assert cost_usd(price, calls=10, inputs=2000, tokens=500_000, gpu_ms=2000) == pytest.approx(0.01 + 0.02 + 0.5 + 1.0)
 
     assert seconds_to_next_month(datetime(2026, 12, 31, 23, 59, 0, tzinfo=UTC)) == 60
+
+
+# ---------------------------------------------------------------------- revoked keys, inactive tenants
+def guarded(local_stack) -> UsageLedger:
+    """A ledger whose transactions check the tenant's profile (and the key, when named) in the tenants table."""
+    return UsageLedger(
+        client("dynamodb"), local_stack.table_name("usage"), tenants_table=local_stack.table_name("tenants")
+    )
+
+
+def test_a_revoked_key_or_an_inactive_tenant_is_refused_and_billed_nothing(local_stack):
+    from sif_core import tenants
+
+    table = local_stack.table("TenantsTable")
+    ledger = guarded(local_stack)
+    for attack in ("revoke key", "delete key", "disable tenant", "delete profile"):
+        info, key = local_stack.create_tenant(f"ledger-{attack.replace(' ', '-')}", monthly_calls=1000)
+        tenant, digest = info["tenant_id"], tenants.hash_key(key)
+        assert ledger.record(
+            Usage(tenant=tenant, model="m", request_id=f"ok-{uuid.uuid4().hex}", inputs=2), key_hash=digest
+        )
+        assert ledger.reserve(tenant, f"r-ok-{uuid.uuid4().hex}", 3, 1000, key_hash=digest)
+        before = counters(ledger, tenant)
+        assert before == (5, 3, 1)
+        if attack == "revoke key":
+            tenants.revoke_key(table, tenant, tenants.key_id_of(key))
+        elif attack == "delete key":
+            table.delete_item(Key={"key_hash": digest})
+        elif attack == "disable tenant":
+            tenants.disable_tenant(table, tenant)
+        else:
+            table.delete_item(Key={"key_hash": tenants.profile_key(tenant)})
+        key_refused = attack in ("revoke key", "delete key")
+        for _ in range(3):  # keep calling with the old key: refused every time, nothing written
+            request_id = f"refused-{uuid.uuid4().hex}"
+            with pytest.raises(TenantInactiveError) as refused:
+                ledger.record(Usage(tenant=tenant, model="m", request_id=request_id, inputs=2), key_hash=digest)
+            assert refused.value.key_revoked is key_refused, attack
+            assert isinstance(refused.value, QuotaExceededError) and refused.value.limit == NO_QUOTA
+            rid = f"r-refused-{uuid.uuid4().hex}"
+            with pytest.raises(TenantInactiveError):
+                ledger.reserve(tenant, rid, 3, 1000, key_hash=digest)
+            assert ledger.reservation(rid) is None
+            assert (
+                client("dynamodb")
+                .get_item(
+                    TableName=local_stack.table_name("usage"),
+                    Key={"pk": {"S": f"event#{request_id}"}, "sk": {"S": "event"}},
+                )
+                .get("Item")
+                is None
+            )
+        assert counters(ledger, tenant) == before, attack
+
+
+def test_work_without_a_key_is_held_to_the_tenant_profile(local_stack):
+    """Jobs and dropped files carry no key: their reservations and extensions check the profile only."""
+    from sif_core import tenants
+
+    table = local_stack.table("TenantsTable")
+    ledger = guarded(local_stack)
+    info, key = local_stack.create_tenant("ledger-work", monthly_calls=0)
+    tenant = info["tenant_id"]
+    rid = f"r-{uuid.uuid4().hex}"
+    assert ledger.reserve(tenant, rid, 10, 0)
+    tenants.revoke_key(table, tenant, tenants.key_id_of(key))  # a revoked key does not stop the tenant's work
+    ledger.extend(tenant, rid, 5, 0)
+    tenants.disable_tenant(table, tenant)
+    with pytest.raises(TenantInactiveError):
+        ledger.extend(tenant, rid, 5, 0)  # a running file stops at its next extension
+    with pytest.raises(TenantInactiveError):
+        ledger.reserve(tenant, f"r-{uuid.uuid4().hex}", 1, 0)
+    assert counters(ledger, tenant) == (15, 15, 0)
+    # work accepted while active is still settled for what it scored (and released otherwise)
+    assert ledger.settle(job_usage(tenant, 12, request_id=rid), rid) is True
+    assert counters(ledger, tenant) == (12, 0, 1)
+    tenants.enable_tenant(table, tenant)
+    assert ledger.reserve(tenant, f"r-{uuid.uuid4().hex}", 1, 0)
+
+
+def test_records_from_before_statuses_still_bill(local_stack):
+    """A key item and a profile without status (written before statuses existed) are active."""
+    from sif_core.tenants import hash_key, profile_key
+
+    tenant, key = new_tenant("legacy-status"), f"sif_legacy_{uuid.uuid4().hex}"
+    table = local_stack.table("TenantsTable")
+    table.put_item(Item={"key_hash": hash_key(key), "tenant_id": tenant, "name": "legacy", "monthly_calls": 10})
+    table.put_item(Item={"key_hash": profile_key(tenant), "tenant_id": tenant, "name": "legacy", "monthly_calls": 10})
+    ledger = guarded(local_stack)
+    usage = Usage(tenant=tenant, model="m", request_id=f"req-{uuid.uuid4().hex}", inputs=4)
+    assert ledger.record(usage, monthly_limit=10, key_hash=hash_key(key)) is True
+    assert ledger.record(usage, monthly_limit=10, key_hash=hash_key(key)) is False  # still idempotent
+    with pytest.raises(QuotaExceededError) as over:  # the quota still applies, and is not mistaken for a refusal
+        ledger.record(Usage(tenant=tenant, model="m", request_id="x-" + tenant, inputs=7), monthly_limit=10)
+    assert not isinstance(over.value, TenantInactiveError)
+    # a key of one tenant does not let another tenant be billed
+    other = local_stack.create_tenant("ledger-other")[0]["tenant_id"]
+    with pytest.raises(TenantInactiveError) as refused:
+        ledger.record(Usage(tenant=other, model="m", request_id="y-" + tenant), key_hash=hash_key(key))
+    assert refused.value.key_revoked
+    assert counters(ledger, tenant) == (4, 0, 1)

@@ -24,6 +24,7 @@ from sif_core.filebatch import InboxFile
 from sif_core.work import WorkStore
 from sif_local.pollers import sqs_record
 from sif_local.stack import LocalStack
+from sif_metering.ledger import UsageLedger
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]
 
@@ -240,3 +241,32 @@ def test_the_last_receive_marks_the_batch_failed_before_the_dlq(
     record = store.get(tenant, "batch", file.batch_id)
     assert record is not None and record.status == "failed"
     assert record.error == "gave up after 5 attempts: the models bucket is down"
+
+
+def test_a_file_replaced_between_segments_is_dropped_and_never_billed(
+    scorer: ModuleType, load_event: Callable[..., Any], local_stack: LocalStack, tenant: str
+) -> None:
+    old = put(local_stack, tenant, "replaced.jsonl", rows(2500))
+    # 1 s left: one window, a checkpoint, segment 1 queued
+    assert scorer.lambda_handler(s3_event(load_event, old), Context(remaining_ms=1000)) == {"batchItemFailures": []}
+    message = take_continuation(local_stack, old)
+    new = put(local_stack, tenant, "replaced.jsonl", rows(3))  # new content under the key meanwhile
+    event = {"Records": [sqs_record(message, local_stack.arn("InboxQueue"), "us-east-1")]}
+    assert scorer.lambda_handler(event, Context()) == {"batchItemFailures": []}  # consumed, not retried
+
+    store = WorkStore(local_stack.table("WorkTable"))
+    ledger = UsageLedger(local_stack.client("dynamodb"), local_stack.table_name("usage"))
+    record = store.get(tenant, "batch", old.batch_id)
+    assert record is not None and record.status == "failed" and record.reason == "superseded"
+    s3, results = local_stack.client("s3"), local_stack.bucket("results")
+    listing = s3.list_objects_v2(Bucket=results, Prefix=old.output_prefix).get("Contents", [])
+    assert [o["Key"][len(old.output_prefix) :] for o in listing] == ["manifest.json"]  # no checkpoint, no output
+    assert s3.list_multipart_uploads(Bucket=results, Prefix=old.output_prefix).get("Uploads", []) == []
+    reservation = ledger.reservation(old.metering_id)
+    assert reservation is not None and reservation.state == "released"
+    usage = [i for i in local_stack.table("UsageTable").scan()["Items"] if i["pk"] == f"event#{old.metering_id}"]
+    assert usage == []
+
+    assert scorer.lambda_handler(s3_event(load_event, new), Context()) == {"batchItemFailures": []}
+    record = store.get(tenant, "batch", new.batch_id)
+    assert record is not None and (record.status, record.rows) == ("succeeded", 3)

@@ -90,6 +90,7 @@ def test_template_functions_and_routes() -> None:
         "ScorerFunction",
         "WorkerFunction",
         "GpuJobEventsFunction",
+        "CallbackFunction",
     }
     assert functions["ApiFunction"].handler == "sif_api.handler.lambda_handler"
     assert functions["ApiFunction"].timeout == 29
@@ -120,6 +121,9 @@ def test_template_functions_and_routes() -> None:
     assert subs["ScorerFunction"].queue == "InboxQueue"
     assert subs["ScorerFunction"].batch_size == 1
     assert subs["WorkerFunction"].queue == "JobsQueue"
+    assert subs["CallbackFunction"].queue == "CallbacksQueue"
+    assert functions["CallbackFunction"].layers == ("BaseRuntimeLayer", "CoreLayer")
+    assert "SIF_CALLBACK_SECRET" not in functions["WorkerFunction"].environment  # each tenant has its own
     assert all(s.report_batch_item_failures for s in subs.values())
 
 
@@ -184,12 +188,13 @@ def test_buckets_are_locked_down(local_stack: LocalStack) -> None:
 def test_queues_have_redrive_policies(local_stack: LocalStack) -> None:
     t = local_stack.template
     with_redrive = {lid: r for lid, r in t.of_type("AWS::SQS::Queue").items() if "RedrivePolicy" in r["Properties"]}
-    assert set(with_redrive) == {"InboxQueue", "JobsQueue"}
+    receives = {"InboxQueue": 5, "JobsQueue": 5, "CallbacksQueue": 10}
+    assert set(with_redrive) == set(receives)
     for lid in with_redrive:
         declared = t.properties(lid)["RedrivePolicy"]
         attrs = _queue_attributes(local_stack, lid)
         redrive = json.loads(attrs["RedrivePolicy"])
-        assert int(redrive["maxReceiveCount"]) == declared["maxReceiveCount"] == 5
+        assert int(redrive["maxReceiveCount"]) == declared["maxReceiveCount"] == receives[lid]
         assert redrive["deadLetterTargetArn"] == declared["deadLetterTargetArn"]
         dlq = redrive["deadLetterTargetArn"].rsplit(":", 1)[1]
         dlq_attrs = local_stack.client("sqs").get_queue_attributes(
@@ -201,7 +206,7 @@ def test_queues_have_redrive_policies(local_stack: LocalStack) -> None:
 
 def test_visibility_timeout_is_six_times_the_consumers_timeout(local_stack: LocalStack) -> None:
     subs = local_stack.template.queue_subscriptions()
-    assert {s.queue for s in subs} == {"InboxQueue", "JobsQueue"}
+    assert {s.queue for s in subs} == {"InboxQueue", "JobsQueue", "CallbacksQueue"}
     for sub in subs:
         timeout = local_stack.template.function_timeout(sub.function)
         visibility = int(_queue_attributes(local_stack, sub.queue)["VisibilityTimeout"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,17 @@ import pytest
 from pydantic import ValidationError
 
 from sif_core import keys
+from sif_core.announce import CallbackMessage, CallbackSender, WorkEvent
 from sif_core.batch_events import BatchJobStateChange, work_from_spec_uri
-from sif_core.callbacks import CallbackPolicy, callback_policy_for, deliver_callback, sign, verify_signature
+from sif_core.callbacks import (
+    CallbackPolicy,
+    CallbackRefusedError,
+    callback_policy_for,
+    classify,
+    sign,
+    target_for,
+    verify_signature,
+)
 from sif_core.jobs import (
     JobInputError,
     JobMessage,
@@ -101,17 +111,32 @@ def test_describe_error_is_short() -> None:
     assert describe_error(KeyError()) == "KeyError"
 
 
-def test_callbacks_need_a_secret_and_a_public_host_outside_the_local_stack() -> None:
-    assert callback_policy_for(Settings(local=True)) is None  # no secret, no callbacks: there is no default one
-    aws = callback_policy_for(Settings(callback_secret="a-long-enough-secret"))
-    assert aws is not None and not aws.allow_private_hosts
-    local = callback_policy_for(Settings(callback_secret="a-long-enough-secret", local=True))
-    assert local is not None and local.allow_private_hosts
-    post = FakePost(204)
-    for url in ("http://127.0.0.1:9001/2018-06-01/runtime", "http://169.254.169.254/latest", "http://[::1]/x"):
-        assert not deliver_callback(url, {"id": "j"}, "s", post=post, policy=aws)
-    assert not post.calls  # refused before anything was sent
-    assert deliver_callback("http://127.0.0.1:1/hook", {"id": "j"}, "s", post=post, policy=local)
+def test_callbacks_reach_only_public_hosts_outside_the_local_stack() -> None:
+    aws, local = callback_policy_for(Settings()), callback_policy_for(Settings(local=True))
+    assert not aws.allow_private_hosts and local.allow_private_hosts
+    assert not hasattr(Settings(), "callback_secret")  # no deployment-wide secret: each tenant has its own
+    dns = {"rebound.example": ["93.184.216.34", "10.0.0.7"], "hooks.example.com": ["93.184.216.34"]}
+
+    def resolve(host: str, port: int) -> list[str]:
+        return dns.get(host, [host])  # IP literals resolve to themselves
+
+    for url in (
+        "http://127.0.0.1:9001/2018-06-01/runtime",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+        "http://rebound.example/x",  # every address must be public, not just one
+        "ftp://hooks.example.com/x",
+    ):
+        with pytest.raises(CallbackRefusedError):
+            target_for(url, aws, resolve)
+    target = target_for("https://hooks.example.com/cb?a=1", aws, resolve)
+    assert (target.address, target.host, target.port, target.path) == (
+        "93.184.216.34",
+        "hooks.example.com",
+        443,
+        "/cb?a=1",
+    )
+    assert target_for("http://127.0.0.1:8080/hook", local, resolve).address == "127.0.0.1"
 
 
 # ---------------------------------------------------------------------- inputs
@@ -179,40 +204,113 @@ def test_signature_round_trip_and_replay_window() -> None:
     assert sign("k", "1", b"{}").startswith("sha256=")
 
 
-class FakePost:
+class FakeReceiver:
+    """A receiver behind a socketpair (no network): each connection answers the next status, or raises."""
+
     def __init__(self, *answers: int | Exception) -> None:
         self.answers = list(answers)
-        self.calls: list[tuple[str, bytes, dict[str, str]]] = []
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.connected: list[tuple[str, int]] = []
+        self._peers: list[socket.socket] = []
 
-    def __call__(self, url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-        self.calls.append((url, body, headers))
+    def connect(self, address: str, port: int, timeout: float) -> socket.socket:
+        self.connected.append((address, port))
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        return answer
+        ours, theirs = socket.socketpair()
+        theirs.sendall(f"HTTP/1.1 {answer} X\r\nContent-Length: 0\r\n\r\n".encode())
+        self._peers.append(theirs)
+        return ours
+
+    def read_requests(self) -> list[tuple[dict[str, str], bytes]]:
+        for peer in self._peers:
+            peer.settimeout(1)
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                raw += peer.recv(65536)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+            while len(body) < int(headers["Content-Length"]):
+                body += peer.recv(65536)
+            self.requests.append((headers, body))
+            peer.close()
+        self._peers = []
+        return self.requests
 
 
-LOCAL = CallbackPolicy(allow_private_hosts=True)  # the fake hosts below resolve nowhere
+def callback_message(tenant: str = "t_1", output_key: str | None = None) -> CallbackMessage:
+    event = WorkEvent.of("job", "succeeded", id="j_1", tenant=tenant, model="m", rows=1)
+    return CallbackMessage(tenant=tenant, url="http://hooks.example.com/cb", event=event, output_key=output_key)
 
 
-def test_callback_retries_with_backoff_then_succeeds() -> None:
-    post, sleeps = FakePost(OSError("refused"), 503, 204), []
-    ok = deliver_callback(
-        "http://h/cb", {"id": "j", "status": "succeeded"}, "secret", post=post, policy=LOCAL, sleep=sleeps.append
+def sender_for(receiver: FakeReceiver, secrets_: dict[str, str], recorded: list[bool]) -> CallbackSender:
+    return CallbackSender(
+        secret_of=secrets_.get,
+        record=lambda message, delivered: recorded.append(delivered),
+        policy=CallbackPolicy(base_delay_s=5, max_delay_s=30),
+        presign=lambda key: f"https://results.example/{key}?sig=x",
+        resolve=lambda host, port: ["93.184.216.34"],
+        connect=receiver.connect,
     )
-    assert ok and len(post.calls) == 3 and sleeps == [0.5, 1.0]
-    _, body, headers = post.calls[-1]
-    assert verify_signature("secret", headers, body) and headers["X-Sif-Event"] == "job.succeeded"
 
 
-def test_callback_gives_up_quietly() -> None:
-    post, sleeps = FakePost(500, 500, 500, 500), []
-    policy = CallbackPolicy(attempts=4, base_delay_s=1, max_delay_s=3, allow_private_hosts=True)
-    assert not deliver_callback("http://h/cb", {"id": "j"}, "s", post=post, policy=policy, sleep=sleeps.append)
-    assert sleeps == [1, 2, 3]
-    no_retry = FakePost(410)
-    assert not deliver_callback("http://h/cb", {"id": "j"}, "s", post=no_retry, policy=LOCAL, sleep=sleeps.append)
-    assert len(no_retry.calls) == 1
+def test_delivery_outcomes() -> None:
+    assert [classify(s) for s in (200, 204)] == ["delivered"] * 2
+    assert [classify(s) for s in (408, 429, 500, 503)] == ["retry"] * 4
+    assert [classify(s) for s in (301, 302, 307, 400, 401, 404, 410)] == ["final"] * 7  # redirects never followed
+    policy = CallbackPolicy(base_delay_s=5, max_delay_s=30)
+    assert [policy.retry_delay(n) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 30, 30]
+
+
+def test_a_callback_is_retried_through_the_queue_with_backoff() -> None:
+    """One attempt per receive; a retry comes back after its backoff; the outcome is recorded once, when final."""
+    receiver, recorded = FakeReceiver(OSError("refused"), 503, 204), []
+    sender = sender_for(receiver, {"t_1": "secret-of-t1"}, recorded)
+    message = callback_message(output_key="results/t_1/m/j_1/predictions.jsonl")
+    first, second, third = (sender.send(message, attempt, 10) for attempt in (1, 2, 3))
+    assert (first.result.outcome, first.retry_in_s) == ("retry", 5)
+    assert (second.result.status, second.retry_in_s) == (503, 10)
+    assert third.delivered and third.retry_in_s is None and recorded == [True]
+    assert receiver.connected == [("93.184.216.34", 80)] * 3
+    for headers, body in receiver.read_requests():
+        assert verify_signature("secret-of-t1", headers, body) and headers["X-Sif-Event"] == "job.succeeded"
+        assert not verify_signature("secret-of-t2", headers, body)
+        assert headers["Host"] == "hooks.example.com"
+        payload = json.loads(body)
+        assert payload["output_url"] == "https://results.example/results/t_1/m/j_1/predictions.jsonl?sig=x"
+
+
+def test_a_callback_ends_on_a_final_answer_or_the_last_receive() -> None:
+    receiver, recorded = FakeReceiver(404, 302, 503), []
+    sender = sender_for(receiver, {"t_1": "s"}, recorded)
+    for status in (404, 302):
+        attempt = sender.send(callback_message(), 1, 10)
+        assert (attempt.result.outcome, attempt.result.status, attempt.retry_in_s) == ("final", status, None)
+    last = sender.send(callback_message(), 10, 10)  # retryable, but the queue's last receive: on to the DLQ
+    assert (last.result.outcome, last.retry_in_s) == ("retry", 0.0)
+    assert recorded == [False, False, False]
+    nobody, recorded = FakeReceiver(), []
+    no_secret = sender_for(nobody, {}, recorded).send(callback_message(), 1, 10)  # a tenant without a secret
+    assert no_secret.result.outcome == "final" and no_secret.retry_in_s is None
+    assert recorded == [False] and not nobody.connected
+
+
+def test_callback_messages_stay_within_their_tenant() -> None:
+    message = callback_message(output_key="results/t_1/m/j_1/predictions.jsonl")
+    assert CallbackMessage.model_validate_json(message.model_dump_json()) == message
+    work_event = message.event
+    with pytest.raises(ValidationError, match="tenant of its event"):
+        CallbackMessage(tenant="t_2", url="http://h/cb", event=work_event)
+    with pytest.raises(ValidationError, match="own tenant's results"):
+        CallbackMessage(
+            tenant="t_1", url="http://h/cb", event=work_event, output_key="results/t_2/m/j/predictions.jsonl"
+        )
+    with pytest.raises(ValidationError, match="http"):
+        CallbackMessage(tenant="t_1", url="file:///etc/passwd", event=work_event)
+    record = event("sqs_callback")["Records"][0]
+    sample = CallbackMessage.model_validate_json(record["body"])
+    assert sample.event.type == "job.succeeded" and sample.tenant == sample.event.tenant
 
 
 # ---------------------------------------------------------------------- Batch events and specs

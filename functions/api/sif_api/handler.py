@@ -16,6 +16,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sif_api import (
+    caller,
     errors,
     routes_batches,
     routes_inference,
@@ -50,4 +51,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     too_large = errors.body_too_large(event)
     if too_large is not None:
         return too_large
+    two_keys = caller.conflicting_keys(event)  # a Bearer key and an x-api-key that differ: 400
+    if two_keys is not None:
+        return two_keys
     return app.resolve(event, context)

@@ -21,7 +21,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from sif_api import inference
-from sif_api.caller import Caller
+from sif_api.caller import Caller, refused
 from sif_api.errors import BadRequestError
 from sif_api.schemas import (
     Embedding,
@@ -46,7 +46,7 @@ from sif_inference.manifest import ModelManifest, Price
 from sif_inference.registry import ModelRegistry
 from sif_inference.tasks import Task
 from sif_inference.tasks import TaskResult as Outcome
-from sif_metering.ledger import QuotaExceededError, Usage, UsageLedger
+from sif_metering.ledger import QuotaExceededError, TenantInactiveError, Usage, UsageLedger
 from sif_metering.metrics import UsageMetrics
 from sif_metering.pricing import cost_usd
 from sif_metering.quota import QuotaGate
@@ -94,7 +94,8 @@ class ApiService:
         from sif_core.aws import client
         from sif_core.model_store import registry_from_settings
 
-        ledger = UsageLedger(client("dynamodb"), settings.usage_table)
+        # with the tenants table: the usage transaction refuses a revoked key, a disabled or deleted tenant
+        ledger = UsageLedger(client("dynamodb"), settings.usage_table, tenants_table=settings.tenants_table or None)
         return cls(registry_from_settings(settings), ledger, quota=QuotaGate(ledger), usage_metrics=UsageMetrics())
 
     def warm(self) -> list[str]:
@@ -199,7 +200,8 @@ class ApiService:
 
         `units` (the number of inputs, when the caller knows it before inference) lets the gate
         refuse a call that cannot fit before any inference runs; None checks 1 unit. The ledger then
-        charges the inputs actually counted (at least 1), conditionally on the quota.
+        charges the inputs actually counted (at least 1), conditionally on the quota and on the
+        caller's key and tenant being active (401/403 and nothing billed otherwise).
         """
         self.quota.check(caller.tenant_id, caller.monthly_calls, max(1, units or 1))
         start = time.perf_counter()
@@ -215,7 +217,9 @@ class ApiService:
         )
         charged = max(1, usage.inputs)
         try:
-            fresh = self.ledger.record(usage, monthly_limit=caller.monthly_calls)
+            fresh = self.ledger.record(usage, monthly_limit=caller.monthly_calls, key_hash=caller.key_hash or None)
+        except TenantInactiveError as exc:
+            raise refused(exc) from exc
         except QuotaExceededError:
             self.quota.exhausted(caller.tenant_id, caller.monthly_calls, charged)
             raise
@@ -229,9 +233,13 @@ class ApiService:
 
     # ------------------------------------------------------------ jobs and batches
     def reserve(self, caller: Caller, reservation_id: str, units: int) -> None:
-        """Hold `units` of the caller's monthly quota for a job (QuotaExceededError -> 429 when they do not fit)."""
+        """Hold `units` of the caller's monthly quota for a job (429 when they do not fit, 401/403 when inactive)."""
         try:
-            self.ledger.reserve(caller.tenant_id, reservation_id, units, caller.monthly_calls)
+            self.ledger.reserve(
+                caller.tenant_id, reservation_id, units, caller.monthly_calls, key_hash=caller.key_hash or None
+            )
+        except TenantInactiveError as exc:
+            raise refused(exc) from exc
         except QuotaExceededError:
             self.quota.exhausted(caller.tenant_id, caller.monthly_calls, max(1, units))
             raise

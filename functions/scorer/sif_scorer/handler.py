@@ -5,11 +5,16 @@ with partial batch responses (the template sets ReportBatchItemFailures; the que
 timeout is six times this function's timeout and a DLQ catches poison messages).
 
 Each (bucket, key, ETag, segment) runs at most once: powertools idempotency on the
-IdempotencyTable, whose in-progress records expire with this invocation's remaining time (the
-function timeout), so a crashed run's redelivery is not locked out. Duplicate S3 events (AWS
-delivers at least once; moto sends two for a multipart upload) and SQS redeliveries of a
-finished file therefore neither score nor bill again. A file too big for one invocation is
-checkpointed before the deadline and handed on to the next segment through the queue.
+IdempotencyTable. Duplicate S3 events (AWS delivers at least once; moto sends two for a multipart
+upload) and SQS redeliveries of a finished file therefore neither score nor bill again. A file too
+big for one invocation is checkpointed before the deadline and handed on to the next segment
+through the queue.
+
+The invocation holds its message and the file's in-progress idempotency record on a lease renewed
+while it runs (`sif_core.leases`): if it dies (killed, out of memory) both lapse within a minute and
+the redelivery resumes the file from its checkpoint, instead of waiting out the queue's 30 minutes.
+A file that cannot be scored as given (bad file, unknown model, out of quota, replaced) ends failed
+at once and its message is consumed; only other errors are retried.
 """
 
 from __future__ import annotations
@@ -21,11 +26,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
-from aws_lambda_powertools.utilities.idempotency import (
-    DynamoDBPersistenceLayer,
-    IdempotencyConfig,
-    idempotent_function,
-)
+from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
 from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -33,6 +34,7 @@ from sif_core.aws import client
 from sif_core.dlq import max_receive_count
 from sif_core.filebatch import FileBatches, InboxFile, NotAnInboxFileError
 from sif_core.keys import INBOX_PREFIX
+from sif_core.leases import LeasedIdempotencyStore, MessageLease
 from sif_core.scoring import Deadline
 from sif_core.services import lifecycle
 from sif_core.settings import get_settings
@@ -65,7 +67,7 @@ idempotency = IdempotencyConfig(
     raise_on_no_idempotency_key=True,
     expires_after_seconds=IDEMPOTENCY_TTL_S,
 )
-persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
+persistence = LeasedIdempotencyStore(table_name=settings.idempotency_table)  # in-progress records on a lease
 
 
 @idempotent_function(data_keyword_argument="task", persistence_store=persistence, config=idempotency)
@@ -147,7 +149,9 @@ def last_receive() -> int:
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     idempotency.register_lambda_context(context)
-    response = process_partial_response(
-        event=event, record_handler=record_handler, processor=processor, context=context
-    )
+    with MessageLease(sqs, settings.inbox_queue_url, event, also=persistence.renew) as lease:
+        response = process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+        lease.hand_back(response)
     return dict(response)

@@ -1,7 +1,15 @@
 """`sif`: the local stack's command-line tool.
 
 sif up                              start the local stack in the foreground (Ctrl-C stops it)
-sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key
+sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key (and,
+                                    once, on stderr, its callback signing secret)
+sif tenant rotate-callback-secret TENANT_ID   a new callback signing secret (printed once); the old one stops
+sif tenant list                     tenants: id, name, plan, quota, status, keys (never a key or hash)
+sif tenant keys TENANT_ID           a tenant's keys: public id, status, created, revoked
+sif tenant add-key TENANT_ID        one more key for the tenant; prints it
+sif tenant revoke-key TENANT_ID KEY_ID_OR_HASH_PREFIX   revoke one key
+sif tenant rotate-key TENANT_ID [KEY_ID]   a new key; the old one (default: every active one) revoked
+sif tenant disable|enable TENANT_ID no key of the tenant may call, nothing is billed to it / again
 sif env                             shell exports for talking to the running stack's emulator
 sif jobs redrive [--max N]          move dead-lettered job messages back to the jobs queue
 sif jobs list|status|cancel ...     your jobs, newest first; one job; cancel one (through the API)
@@ -114,7 +122,7 @@ def _stack_clients(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from sif_core.tenants import create_tenant
+    from sif_core.tenants import create_tenant, new_callback_secret
 
     try:
         info, (session, endpoint) = _stack_clients(args)
@@ -124,17 +132,162 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
         return _error("--monthly-calls is a number of inputs per month (0 = unlimited), not negative")
     table = session.resource("dynamodb", endpoint_url=endpoint).Table(info["tables"]["tenants"])
     kwargs = {} if args.monthly_calls is None else {"monthly_calls": args.monthly_calls}
+    callback_secret = new_callback_secret()
     try:
-        tenant, api_key = create_tenant(table, args.name, **kwargs)
+        tenant, api_key = create_tenant(table, args.name, callback_secret=callback_secret, **kwargs)
     except (BotoCoreError, ClientError) as exc:
         return _error(f"the local stack at {endpoint} did not accept the tenant ({exc}); is `sif up` running?")
     quota = "unlimited" if tenant.monthly_calls == 0 else f"{tenant.monthly_calls} inputs/month"
+    # stdout is the API key alone (SIF_KEY=$(sif tenant create x)); the secret is shown once, beside it
     print(
-        f"created tenant {tenant.name!r} ({tenant.tenant_id}, {quota}); its API key:",
+        f"created tenant {tenant.name!r} ({tenant.tenant_id}, {quota})\n"
+        f"its callback signing secret (verify X-Sif-Signature with it; shown only now): {callback_secret}\n"
+        "its API key:",
         file=sys.stderr,
     )
     print(api_key, flush=True)
     return EXIT_OK
+
+
+def cmd_tenant_rotate_callback_secret(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from sif_core.tenants import TenantError, rotate_callback_secret
+
+    try:
+        info, (session, endpoint) = _stack_clients(args)
+    except FileNotFoundError as exc:
+        return _error(str(exc))
+    table = session.resource("dynamodb", endpoint_url=endpoint).Table(info["tables"]["tenants"])
+    try:
+        secret = rotate_callback_secret(table, args.tenant_id)
+    except TenantError as exc:
+        return _error(str(exc))
+    except (BotoCoreError, ClientError) as exc:
+        return _error(f"the local stack at {endpoint} did not answer ({exc}); is `sif up` running?")
+    print(
+        f"new callback signing secret of tenant {args.tenant_id} (shown only now; callbacks signed from now on "
+        "no longer verify with the old one):",
+        file=sys.stderr,
+    )
+    print(secret, flush=True)
+    return EXIT_OK
+
+
+def _tenants_table(args: argparse.Namespace) -> tuple[Any, str]:
+    """The running stack's tenants table (a boto3 Table) and the emulator's endpoint."""
+    info, (session, endpoint) = _stack_clients(args)
+    return session.resource("dynamodb", endpoint_url=endpoint).Table(info["tables"]["tenants"]), endpoint
+
+
+def _when(epoch: int | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) if epoch else "-"
+
+
+def cmd_tenant_admin(args: argparse.Namespace) -> int:
+    """list, keys, add-key, revoke-key, rotate-key, disable, enable: sif_core.tenants on the running stack."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from sif_core import tenants
+
+    try:
+        table, endpoint = _tenants_table(args)
+    except FileNotFoundError as exc:
+        return _error(str(exc))
+    try:
+        return _TENANT_ACTIONS[args.tenant_command](table, args)
+    except tenants.TenantError as exc:
+        return _error(str(exc))
+    except (BotoCoreError, ClientError) as exc:
+        return _error(f"the local stack at {endpoint} did not answer ({exc}); is `sif up` running?")
+
+
+def _tenant_list(table: Any, args: argparse.Namespace) -> int:
+    from sif_core.tenants import list_tenants
+
+    rows = [("TENANT", "NAME", "PLAN", "QUOTA", "STATUS", "KEYS")]
+    for line in list_tenants(table):
+        t = line.tenant
+        quota = "none" if t.monthly_calls is None else "unlimited" if t.monthly_calls == 0 else str(t.monthly_calls)
+        keys = f"{line.keys_active} active" + (
+            f", {line.keys_total - line.keys_active} revoked" if line.keys_total > line.keys_active else ""
+        )
+        rows.append((t.tenant_id, t.name, t.plan, quota, t.status, keys))
+    _print_table(rows)
+    return EXIT_OK
+
+
+def _tenant_keys(table: Any, args: argparse.Namespace) -> int:
+    from sif_core.tenants import get_tenant, list_keys
+
+    if get_tenant(table, args.tenant_id) is None and not list_keys(table, args.tenant_id):
+        return _error(f"no tenant {args.tenant_id}")
+    rows = [("KEY ID", "STATUS", "CREATED (UTC)", "REVOKED (UTC)")]
+    for key in list_keys(table, args.tenant_id):
+        rows.append(
+            (key.key_id or "(none: name it by sha256 prefix)", key.status, _when(key.created_at), _when(key.revoked_at))
+        )
+    _print_table(rows)
+    return EXIT_OK
+
+
+def _tenant_add_key(table: Any, args: argparse.Namespace) -> int:
+    from sif_core.tenants import add_key, key_id_of
+
+    api_key = add_key(table, args.tenant_id)
+    print(f"new key {key_id_of(api_key)} for tenant {args.tenant_id}:", file=sys.stderr)
+    print(api_key, flush=True)
+    return EXIT_OK
+
+
+def _tenant_revoke_key(table: Any, args: argparse.Namespace) -> int:
+    from sif_core.tenants import revoke_key
+
+    key = revoke_key(table, args.tenant_id, args.key)
+    print(f"revoked key {key.key_id or args.key} of tenant {args.tenant_id}{_REVOCATION_NOTE}", flush=True)
+    return EXIT_OK
+
+
+def _tenant_rotate_key(table: Any, args: argparse.Namespace) -> int:
+    from sif_core.tenants import key_id_of, rotate_key
+
+    api_key, revoked = rotate_key(table, args.tenant_id, args.key)
+    names = ", ".join(k.key_id or "(no id)" for k in revoked) or "none"
+    print(
+        f"new key {key_id_of(api_key)} for tenant {args.tenant_id}; revoked: {names}{_REVOCATION_NOTE}", file=sys.stderr
+    )
+    print(api_key, flush=True)
+    return EXIT_OK
+
+
+def _tenant_set_status(table: Any, args: argparse.Namespace) -> int:
+    from sif_core.tenants import disable_tenant, enable_tenant
+
+    tenant = (disable_tenant if args.tenant_command == "disable" else enable_tenant)(table, args.tenant_id)
+    note = _REVOCATION_NOTE if args.tenant_command == "disable" else ""
+    print(f"tenant {tenant.tenant_id} ({tenant.name!r}) is {tenant.status}{note}", flush=True)
+    return EXIT_OK
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+# The authorizer's per-instance cache (sif_authorizer.keys.CACHE_TTL_S); metering refuses at once.
+_REVOCATION_NOTE = " (refused by metering at once, by every authorizer within 10 s)"
+_TENANT_ACTIONS = {
+    "list": _tenant_list,
+    "keys": _tenant_keys,
+    "add-key": _tenant_add_key,
+    "revoke-key": _tenant_revoke_key,
+    "rotate-key": _tenant_rotate_key,
+    "disable": _tenant_set_status,
+    "enable": _tenant_set_status,
+}
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -205,6 +358,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="monthly quota in units: one input (text, image, file row) each; 0 = unlimited",
     )
     create.set_defaults(func=cmd_tenant_create)
+    rotate_secret = tenant_sub.add_parser(
+        "rotate-callback-secret", help="a new callback signing secret for a tenant (printed once); the old one stops"
+    )
+    rotate_secret.add_argument("tenant_id")
+    rotate_secret.set_defaults(func=cmd_tenant_rotate_callback_secret)
+    tenant_sub.add_parser("list", help="every tenant: id, name, plan, quota, status, number of keys").set_defaults(
+        func=cmd_tenant_admin
+    )
+    for action, text in (
+        ("keys", "a tenant's keys: public id, status, when created and revoked"),
+        ("add-key", "one more API key for a tenant (printed once)"),
+        ("disable", "disable a tenant: none of its keys may call, nothing is accepted or billed"),
+        ("enable", "enable a disabled tenant again"),
+    ):
+        action_parser = tenant_sub.add_parser(action, help=text)
+        action_parser.add_argument("tenant_id")
+        action_parser.set_defaults(func=cmd_tenant_admin)
+    revoke = tenant_sub.add_parser("revoke-key", help="revoke one key of a tenant")
+    revoke.add_argument("tenant_id")
+    revoke.add_argument(
+        "key", metavar="KEY_ID_OR_HASH_PREFIX", help="the key's id (8 characters after sif_), or a prefix of its sha256"
+    )
+    revoke.set_defaults(func=cmd_tenant_admin)
+    rotate = tenant_sub.add_parser("rotate-key", help="a new key for a tenant, the old one revoked (printed once)")
+    rotate.add_argument("tenant_id")
+    rotate.add_argument(
+        "key",
+        nargs="?",
+        default=None,
+        metavar="KEY_ID_OR_HASH_PREFIX",
+        help="the key to replace (default: every active key)",
+    )
+    rotate.set_defaults(func=cmd_tenant_admin)
 
     env = sub.add_parser("env", help='print shell exports for the running stack (eval "$(sif env)")')
     env.set_defaults(func=cmd_env)

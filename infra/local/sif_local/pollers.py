@@ -17,6 +17,12 @@ What happens to the messages is Lambda's rule:
 - the function raised, timed out or its process died: nothing is deleted.
 Messages not deleted come back when their visibility timeout ends, and the queue's own
 RedrivePolicy moves a message to its DLQ after maxReceiveCount receives.
+
+Visibility is the queue's business, as on AWS: the poller never sets or resets it after the
+receive, so what the function does to its own messages (`ChangeMessageVisibility`: the scorer's
+and the worker's leases, `sif_core.leases`, shorten it at once and renew it while they run) is
+what decides when a message whose invocation died comes back. moto keeps that per message, with
+the receipt handle the event carried, exactly as SQS does.
 """
 
 from __future__ import annotations

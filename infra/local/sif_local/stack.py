@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import threading
 import time
@@ -258,17 +257,8 @@ class LocalStack:
         env.update(aws_client_env(self.aws_endpoint_url, self.region))
         env.setdefault("SIF_MODEL_CACHE_DIR", str(self.state_dir / "model-cache"))
         env["POWERTOOLS_TRACE_DISABLED"] = "true"  # no X-Ray daemon locally
-        env["SIF_LOCAL"] = "1"
-        # No secret ships with the code: the local stack signs callbacks with one of its own, kept in its state.
-        env.setdefault("SIF_CALLBACK_SECRET", self.local_callback_secret())
+        env["SIF_LOCAL"] = "1"  # callbacks may reach 127.0.0.1 (each is signed with its tenant's own secret)
         return env
-
-    def local_callback_secret(self) -> str:
-        path = self.state_dir / "callback-secret"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(32))
-        return path.read_text().strip()
 
     # ------------------------------------------------------------ create
     def create(self) -> LocalStack:

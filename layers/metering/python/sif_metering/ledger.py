@@ -20,6 +20,16 @@ Limits (`monthly_limit`): 0 = unlimited; NO_QUOTA (any negative value) = the ten
 configured, and every check refuses it (fail closed). DynamoDB conditions cannot add, so "n more
 units fit" is written `attribute_not_exists(#units) OR #units <= :room` with room = limit - n
 computed here; n > limit is refused before anything is written.
+
+Who may be billed (`tenants_table`): with the tenants table's name, the transactions of `record`,
+`reserve` and `extend` also carry a ConditionCheck on the tenant's profile item (it exists, and its
+status is active or unset) and, when the caller names the API key it came with, on that key's item
+(it exists, belongs to the tenant, active or unset). DynamoDB transactions span tables, so a revoked
+key, a disabled or a deleted tenant is refused in the very transaction that would bill it
+(TenantInactiveError, nothing written), whatever an authorizer's cache still believes. `settle` and
+`release` carry no check: they close work accepted while the tenant was active (its rows were
+scored). The tenants table's layout is sif_core.tenants' (`key_hash` is its hash key, a profile is
+`tenant#{tenant_id}`); this layer does not import the core, so the two names are repeated here.
 """
 
 from __future__ import annotations
@@ -40,6 +50,11 @@ SETTLE_ATTEMPTS = 5  # re-reads of a reservation that changed (was extended) bet
 
 OPEN, SETTLED, RELEASED = "open", "settled", "released"
 
+# The tenants table (sif_core.tenants): its hash key, a tenant's profile item, the active status.
+TENANTS_HASH_KEY = "key_hash"
+TENANT_PROFILE = "tenant#{}"
+ACTIVE = "active"
+
 
 class QuotaExceededError(Exception):
     """The units asked for do not fit in the tenant's monthly quota (or it has none: limit < 0)."""
@@ -53,6 +68,24 @@ class QuotaExceededError(Exception):
         self.tenant = tenant
         self.limit = limit
         self.retry_after_s = retry_after_s
+
+
+class TenantInactiveError(QuotaExceededError):
+    """The tenant is disabled or deleted, or the API key was revoked: nothing may be billed to it.
+
+    A QuotaExceededError with no quota (limit NO_QUOTA) on purpose: every path that refuses work
+    over quota refuses it the same way (a dropped file fails, a running file stops at its next
+    extension and bills only what it scored). `key_revoked` says which check failed: the key (it
+    was revoked or deleted) or the tenant's profile (disabled or deleted).
+    """
+
+    def __init__(self, tenant: str, *, key_revoked: bool) -> None:
+        what = "the API key was revoked" if key_revoked else f"tenant {tenant} is disabled or no longer exists"
+        Exception.__init__(self, f"{what}: nothing is billed to it")
+        self.tenant = tenant
+        self.limit = NO_QUOTA
+        self.retry_after_s = 0
+        self.key_revoked = key_revoked
 
 
 class ReservationError(Exception):
@@ -123,19 +156,29 @@ def _n(value: int) -> dict[str, str]:
 
 
 class UsageLedger:
-    def __init__(self, dynamodb_client: Any, table_name: str, *, today: Callable[[], date] = _today) -> None:
+    def __init__(
+        self,
+        dynamodb_client: Any,
+        table_name: str,
+        *,
+        today: Callable[[], date] = _today,
+        tenants_table: str | None = None,
+    ) -> None:
         self.ddb = dynamodb_client
         self.table = table_name
         self.today = today  # the UTC date; tests move it across a month boundary
+        self.tenants_table = tenants_table or None  # None: no tenant checks (tests of the counters alone)
 
     # ------------------------------------------------------------ synchronous calls
-    def record(self, usage: Usage, *, monthly_limit: int | None = None) -> bool:
+    def record(self, usage: Usage, *, monthly_limit: int | None = None, key_hash: str | None = None) -> bool:
         """Meter one request. Returns False (and changes nothing) if this request id was already metered.
 
         Charges `usage.inputs` units (at least 1) to the month. With `monthly_limit` > 0 the charge
         is conditional in the same transaction: concurrent calls can never push a tenant past its
         quota; a call that would is not metered and raises QuotaExceededError. None or 0: no limit
         (None is for callers outside the quota, e.g. a legacy settle); negative: no quota, refused.
+        With a tenants table, a disabled or deleted tenant, or a revoked `key_hash` (the sha256 of
+        the key the request came with), is not metered: TenantInactiveError.
         """
         units = max(1, usage.inputs)
         room = _room(usage.tenant, monthly_limit, units)
@@ -145,26 +188,31 @@ class UsageLedger:
             self._day_update(usage, day),
             self._month_update(usage.tenant, _month_of(day), calls=usage.calls, units=units, room=room),
         ]
+        checks = self._tenant_checks(usage.tenant, key_hash)
         try:
-            self._transact(items)
+            self._transact(items + checks)
         except ClientError as exc:
             codes = _cancellation_codes(exc)
             if codes is None:
                 raise
             if _failed(codes, 0):
                 return False
+            self._raise_if_inactive(usage.tenant, codes, len(items), checks, exc)
             if room is not None and _failed(codes, 2):
                 raise QuotaExceededError(usage.tenant, int(monthly_limit or 0), seconds_to_next_month()) from exc
             raise
         return True
 
     # ------------------------------------------------------------ reservations (jobs, file batches)
-    def reserve(self, tenant: str, reservation_id: str, units: int, monthly_limit: int) -> bool:
+    def reserve(
+        self, tenant: str, reservation_id: str, units: int, monthly_limit: int, *, key_hash: str | None = None
+    ) -> bool:
         """Hold `units` of this month's quota for work accepted now; False if this id is already reserved.
 
         Atomic: the units counter moves only if the units fit (else QuotaExceededError, nothing
         written), together with the reservation item. Reserving an id again changes nothing. With
         `monthly_limit` 0 (unlimited) the reservation is still recorded, without a condition.
+        With a tenants table, an inactive tenant or revoked `key_hash` is refused (TenantInactiveError).
         """
         if units < 0:
             raise ValueError(f"cannot reserve {units} units")
@@ -189,14 +237,16 @@ class UsageLedger:
             },
             self._month_update(tenant, month, units=units, reserved=units, room=room),
         ]
+        checks = self._tenant_checks(tenant, key_hash)
         try:
-            self._transact(items)
+            self._transact(items + checks)
         except ClientError as exc:
             codes = _cancellation_codes(exc)
             if codes is None:
                 raise
             if _failed(codes, 0):
                 return False
+            self._raise_if_inactive(tenant, codes, len(items), checks, exc)
             if room is not None and _failed(codes, 1):
                 raise QuotaExceededError(tenant, monthly_limit, seconds_to_next_month()) from exc
             raise
@@ -206,7 +256,8 @@ class UsageLedger:
         """Add `units` to an open reservation if they fit (else QuotaExceededError, nothing changed).
 
         Not idempotent (an extension has no id of its own): call it once per decision to hold more.
-        Raises ReservationError when the reservation is unknown, closed or another tenant's.
+        Raises ReservationError when the reservation is unknown, closed or another tenant's, and
+        (with a tenants table) TenantInactiveError once the tenant is disabled or deleted.
         """
         if units < 0:
             raise ValueError(f"cannot extend by {units} units")
@@ -231,14 +282,16 @@ class UsageLedger:
                 }
             },
         ]
+        checks = self._tenant_checks(tenant, None)
         try:
-            self._transact(items)
+            self._transact(items + checks)
         except ClientError as exc:
             codes = _cancellation_codes(exc)
             if codes is None:
                 raise
             if _failed(codes, 1):
                 raise ReservationError(f"reservation {reservation_id} was closed meanwhile") from exc
+            self._raise_if_inactive(tenant, codes, len(items), checks, exc)
             if room is not None and _failed(codes, 0):
                 raise QuotaExceededError(tenant, monthly_limit, seconds_to_next_month()) from exc
             raise
@@ -470,6 +523,47 @@ class UsageLedger:
                 },
             }
         }
+
+    def _tenant_checks(self, tenant: str, key_hash: str | None) -> list[dict[str, Any]]:
+        """ConditionChecks that the tenant (and the key, when named) may be billed; none without a tenants table."""
+        if self.tenants_table is None:
+            return []
+        names = {"#hk": TENANTS_HASH_KEY, "#status": "status"}
+        active = "(attribute_not_exists(#status) OR #status = :active)"  # no status: written before statuses existed
+        checks: list[dict[str, Any]] = [
+            {
+                "ConditionCheck": {
+                    "TableName": self.tenants_table,
+                    "Key": {TENANTS_HASH_KEY: {"S": TENANT_PROFILE.format(tenant)}},
+                    "ConditionExpression": f"attribute_exists(#hk) AND {active}",
+                    "ExpressionAttributeNames": names,
+                    "ExpressionAttributeValues": {":active": {"S": ACTIVE}},
+                }
+            }
+        ]
+        if key_hash:
+            checks.append(
+                {
+                    "ConditionCheck": {
+                        "TableName": self.tenants_table,
+                        "Key": {TENANTS_HASH_KEY: {"S": key_hash}},
+                        "ConditionExpression": f"attribute_exists(#hk) AND #tenant = :tenant AND {active}",
+                        "ExpressionAttributeNames": {**names, "#tenant": "tenant_id"},
+                        "ExpressionAttributeValues": {":active": {"S": ACTIVE}, ":tenant": {"S": tenant}},
+                    }
+                }
+            )
+        return checks
+
+    @staticmethod
+    def _raise_if_inactive(
+        tenant: str, codes: list[str | None], first: int, checks: list[dict[str, Any]], exc: ClientError
+    ) -> None:
+        """TenantInactiveError when one of the tenant checks (items first, first + 1) failed."""
+        if checks and _failed(codes, first):
+            raise TenantInactiveError(tenant, key_revoked=False) from exc
+        if len(checks) > 1 and _failed(codes, first + 1):
+            raise TenantInactiveError(tenant, key_revoked=True) from exc
 
     def _transact(self, items: list[dict[str, Any]]) -> None:
         """One transaction, retried while DynamoDB cancels it only for colliding with another one

@@ -1,0 +1,1 @@
+"""CallbackFunction: job and batch callbacks, delivered from the callbacks queue."""
