@@ -353,10 +353,13 @@ class Jobs:
             return Outcome("skipped", spec.id, "gpu", reason=f"already {record.status}")
         try:
             work = self.work(spec, record)
-            return self.runner.score(work, 0, Deadline.never(), route="gpu")
         except WorkFailedError as exc:
             self.lc.fail(record, describe_error(exc), reason=exc.reason or "bad_input", metering_id=f"job#{spec.id}")
             return Outcome("failed", spec.id, "gpu", reason=describe_error(exc))
+        try:
+            return self.runner.score(work, 0, Deadline.never(), route="gpu")
+        except SourceChangedError as exc:
+            return self.runner.fail(work, f"the input changed while it was read: {exc}", reason="input_changed")
 
     def refuse(self, body: str, error: ValidationError) -> Outcome | None:
         """A message that names a job but is not a valid one: the job fails now with the validation error

@@ -214,6 +214,16 @@ def test_unreadable_inputs_fail_with_their_reason_and_bad_rows_only_themselves(
     )
     failed_gone = client.wait(gone)
     assert failed_gone["status"] == "failed" and "404" in failed_gone["error"], failed_gone
+    # a file unreadable as a whole is a property of the data: failed at the first receive, never retried
+    zipped = f"uploads/{tenant_id}/{uuid.uuid4().hex[:8]}.jsonl.gz"
+    running.stack.client("s3").put_object(Bucket=inbox, Key=zipped, Body=b"this is not gzip")
+    corrupt = f"j_corrupt{uuid.uuid4().hex[:8]}"
+    send_job(
+        running, {"id": corrupt, "tenant": tenant_id, "model": MODEL, "input": {"s3_uri": f"s3://{inbox}/{zipped}"}}
+    )
+    failed_corrupt = client.wait(corrupt, timeout_s=60)  # a retry would wait out the queue's 30 minutes
+    assert failed_corrupt["status"] == "failed" and "not a valid gzip file" in failed_corrupt["error"], failed_corrupt
+    assert work_record(running, tenant_id, corrupt).reason == "bad_file"
 
 
 @pytest.fixture(scope="module")
