@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sif_core import keys
-from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle
+from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle
 from sif_core.routing import GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
 from sif_core.rows import FileFormatError, Format, detect_format
 from sif_core.runner import DeadlineReached, Outcome, Work, WorkRunner, still_current
@@ -33,7 +33,7 @@ from sif_core.scoring import Deadline
 from sif_core.work import TERMINAL, WorkRecord
 from sif_inference.errors import ModelNotFoundError
 from sif_inference.manifest import ModelManifest
-from sif_metering.ledger import QuotaExceededError
+from sif_metering.ledger import QuotaExceededError, TenantInactiveError
 
 log = logging.getLogger("sif.filebatch")
 
@@ -173,6 +173,8 @@ class FileBatches:
             )
         try:
             self.lc.reserve(record, rows, file.metering_id)
+        except TenantInactiveError as exc:
+            return self.runner.fail(work, f"{TENANT_INACTIVE}: {exc}", reason=TENANT_INACTIVE)
         except QuotaExceededError as exc:
             return self.runner.fail(work, f"{QUOTA_EXCEEDED}: {exc}", reason=QUOTA_EXCEEDED)
         archive = manifest.task == "image-classification" and rows > manifest.limits.max_inputs

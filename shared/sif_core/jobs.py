@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sif_core import keys
 from sif_core.callbacks import check_callback_url
-from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle, WorkFailedError, short_error
+from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, WorkFailedError, short_error
 from sif_core.routing import Accelerator, GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
 from sif_core.rows import ByteSource, BytesSource, FileFormatError, Format, detect_format
 from sif_core.runner import DeadlineReached, OnError, Outcome, Work, WorkRunner
@@ -42,7 +42,7 @@ from sif_core.scoring import Deadline
 from sif_core.work import TERMINAL, WorkRecord
 from sif_inference.errors import ModelNotFoundError
 from sif_inference.manifest import ModelManifest
-from sif_metering.ledger import QuotaExceededError
+from sif_metering.ledger import QuotaExceededError, TenantInactiveError
 
 log = logging.getLogger("sif.jobs")
 
@@ -292,6 +292,8 @@ class Jobs:
         if "reserved" not in record.details:  # a job put straight on the queue: reserved here, not by the API
             try:
                 self.lc.reserve(record, rows, job.metering_id)
+            except TenantInactiveError as exc:
+                return self._fail(job, record, f"{TENANT_INACTIVE}: {exc}", TENANT_INACTIVE)
             except QuotaExceededError as exc:
                 return self._fail(job, record, f"{QUOTA_EXCEEDED}: {exc}", QUOTA_EXCEEDED)
             record.details.update(reserved=rows)

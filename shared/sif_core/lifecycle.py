@@ -41,6 +41,7 @@ log = logging.getLogger("sif.lifecycle")
 PROGRESS_EVERY_S = 2.0
 MAX_ERROR_CHARS = 1000
 QUOTA_EXCEEDED = "quota_exceeded"
+TENANT_INACTIVE = "tenant_inactive"  # disabled or deleted tenant (or revoked key): nothing may be billed
 # Counted on the record by other deliveries while the work runs (a refused conflicting message): a
 # run writing its own copy of `details` carries the stored value over instead of resetting it.
 COUNTED_DETAILS = ("conflicts",)

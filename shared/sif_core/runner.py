@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sif_core.keys import OUTPUT_FILES, checkpoint_key, s3_uri
-from sif_core.lifecycle import QUOTA_EXCEEDED, Lifecycle, WorkFailedError, short_error
+from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, WorkFailedError, short_error
 from sif_core.rows import ByteSource, FileFormatError, Format
 from sif_core.s3io import S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
 from sif_core.scoring import Checkpoint, Deadline, Progress, ScoreConfig, file_model, score_file
 from sif_core.work import WorkRecord
 from sif_inference.errors import InferenceError
-from sif_metering.ledger import QuotaExceededError, Usage
+from sif_metering.ledger import QuotaExceededError, TenantInactiveError, Usage
 
 log = logging.getLogger("sif.runner")
 
@@ -101,6 +101,8 @@ class _Gate:
             more = max(need - self.reserved, self.reserved // 4, rows)
             try:
                 self.lc.extend(self.work.record, more, self.work.metering_id)
+            except TenantInactiveError:
+                return TENANT_INACTIVE
             except QuotaExceededError:
                 return QUOTA_EXCEEDED
             self.reserved += more

@@ -78,7 +78,11 @@ class WorkRecord(BaseModel):
         (cancelled, out of quota) whose rows scored so far were kept."""
         if not self.output_prefix:
             return False
-        stopped = self.status in ("cancelled", "failed") and self.reason in ("cancelled", "quota_exceeded")
+        stopped = self.status in ("cancelled", "failed") and self.reason in (
+            "cancelled",
+            "quota_exceeded",
+            "tenant_inactive",
+        )
         return self.status == "succeeded" or (stopped and self.rows > 0)
 
 

@@ -219,7 +219,7 @@ def test_a_disabled_tenants_dropped_file_fails_and_bills_nothing(
     etag = s3.put_object(Bucket=local_stack.bucket("inbox"), Key=key, Body=body)["ETag"]
     file = InboxFile.parse(local_stack.bucket("inbox"), key, etag, len(body))
     record = wait_for(local_stack, file)
-    assert record.status == "failed", record
+    assert record.status == "failed" and record.reason == "tenant_inactive", record
     assert "disabled" in (record.error or ""), record.error
     assert billed(local_stack, client.tenant_id) == (0, 0, 0)
     ledger = UsageLedger(local_stack.client("dynamodb"), local_stack.table_name("usage"))
