@@ -157,18 +157,19 @@ class ModelRegistry:
         def read(filename: str) -> bytes:
             return files.get(filename) or self.read_verified(manifest, filename)
 
+        graph = read(manifest.variant_file(variant))  # verified first: a file failing its sha256 is never served
         if manifest.task == "embedding":
             if manifest.tokenizer is None:
                 raise ModelNotFoundError(f"{manifest.name}: embedding model without a tokenizer")
             tok = TextTokenizer.from_bytes(read(manifest.tokenizer.file), manifest.tokenizer.max_length)
             if on_gpu():
-                session = build_session(read(manifest.variant_file(variant)), threads=self.threads)
+                session = build_session(graph, threads=self.threads)
                 return LoadedModel(manifest, variant, session, embedder=TextEmbedder(session, tok, manifest))
             # CPU: single-threaded runs, one text each, spread over one thread per usable CPU (sessions.run_pool).
-            session = build_session(read(manifest.variant_file(variant)), threads=1)
+            session = build_session(graph, threads=1)
             embedder = TextEmbedder(session, tok, manifest, pool=run_pool(self.threads))
             return LoadedModel(manifest, variant, session, embedder=embedder)
-        session = build_session(read(manifest.variant_file(variant)), threads=self.threads)
+        session = build_session(graph, threads=self.threads)
         from sif_inference.images import ImageClassifier
 
         return LoadedModel(manifest, variant, session, classifier=ImageClassifier(session, manifest))
