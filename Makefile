@@ -13,7 +13,7 @@ export HF_HOME := $(abspath .cache/hf)
 export TOKENIZERS_PARALLELISM := false
 export MPLCONFIGDIR := $(abspath .cache/mpl)
 
-.PHONY: up test venv models lint typecheck cfn-lint unit integration e2e package bench deploy clean
+.PHONY: up down test venv models lint typecheck cfn-lint unit integration e2e package bench deploy clean
 
 $(STAMP): pyproject.toml requirements/runtime-base.txt requirements/runtime-ml.txt requirements/runtime.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,8 +45,13 @@ cfn-lint: $(STAMP)
 test: $(STAMP) models cfn-lint lint typecheck
 	$(BIN)/python -m pytest tests
 
+# `make up` runs in the foreground (Ctrl-C stops it); `make up BACKGROUND=1` returns once it is up.
 up: $(STAMP) models
-	$(BIN)/sif up
+	$(BIN)/sif up $(if $(BACKGROUND),--background)
+
+# Stops a stack started in the background; the state (tenants, files, usage) stays in .local.
+down:
+	@if [ -x $(BIN)/sif ]; then $(BIN)/sif down; else echo "no local stack running (no $(BIN)/sif)"; fi
 
 # Lambda layers are read-only, so bytecode that is not shipped is recompiled at every cold start:
 # ship it (and import-check the result) when a python3.12 like Lambda's is at hand.

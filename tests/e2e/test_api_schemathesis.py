@@ -1,14 +1,19 @@
 """Property-based run of the whole API from its own /openapi.json: no input, valid or not, gives a 5xx.
 
 Every operation gets its own examples (valid and invalid), and the routes with a model in the path
-run once per real model as well as with generated names, so most calls reach the models.
+run once per real model as well as with generated names, so most calls reach the models. Then
+schemathesis's own runner adds its deterministic phases: the schema's examples, and coverage (each
+boundary and each constraint broken once: lengths, counts, enums, types, missing fields, ...).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -60,3 +65,21 @@ def test_no_server_errors(api_url: str, new_tenant: Callable[..., ApiClient], mo
     assert statuses and max(status for _, status in statuses) < 500
     if mode == GenerationMode.POSITIVE:  # valid inputs do reach the models
         assert statuses[("POST /v1/embeddings", 200)] + statuses[("POST /v1/models/{name}/predict", 200)] > 0
+
+
+@pytest.mark.parametrize("model", MODELS, ids=["minilm", "open-nsfw", "generated"])
+def test_examples_and_coverage_phases_find_no_server_errors(
+    api_url: str, new_tenant: Callable[..., ApiClient], tmp_path: Path, model: str | None
+) -> None:
+    fuzzer = new_tenant("schemathesis-coverage", monthly_calls=0)
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(f'[parameters]\n"path.name" = "{model}"\n' if model else "")
+    cli = Path(sys.executable).parent / "schemathesis"
+    run = [str(cli), "--no-color", "--config-file", str(config), "run", api_url + "/openapi.json"]
+    run += ["--phases", "examples,coverage", "--checks", "not_a_server_error", "--workers", "1"]
+    run += ["-H", f"Authorization: Bearer {fuzzer.key}"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300, check=False)
+    summary = done.stdout[done.stdout.rfind("Test cases:") :]
+    print(model, summary)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary

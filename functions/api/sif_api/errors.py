@@ -14,7 +14,10 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.api_gateway import BaseRouter
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError as RouteNotFoundError
-from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.exceptions import (
+    RequestUnsupportedContentType,
+    RequestValidationError,
+)
 
 from sif_inference.errors import (
     ImageDecodeError,
@@ -28,6 +31,7 @@ from sif_metering.ledger import QuotaExceededError
 # Lambda's synchronous invoke payload limit; API Gateway would pass up to 10 MB.
 MAX_BODY_BYTES = 6 * 1024 * 1024
 JSON = "application/json"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class ApiError(Exception):
@@ -62,6 +66,10 @@ class ConflictError(ApiError):
 
 class PayloadTooLargeError(ApiError):
     status, type = 413, "payload_too_large"
+
+
+class UnsupportedMediaTypeError(ApiError):
+    status, type = 415, "unsupported_media_type"
 
 
 def error_body(error_type: str, message: str, request_id: str, details: list[dict[str, Any]] | None = None) -> str:
@@ -114,6 +122,66 @@ def body_too_large(event: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _content_type(event: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(the header's name as sent, its value), or (None, None) without one."""
+    for name, value in (event.get("headers") or {}).items():
+        if name.lower() == "content-type":
+            return name, str(value)
+    for name, values in (event.get("multiValueHeaders") or {}).items():
+        if name.lower() == "content-type" and values:
+            return name, str(values[-1])
+    return None, None
+
+
+def media_type(value: str) -> str:
+    """`Application/JSON; charset=UTF-8` -> `application/json` (media types are case-insensitive)."""
+    return value.split(";", 1)[0].strip().lower()
+
+
+def unsupported_media_type(event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The 415 proxy response for a body that is not declared as JSON, checked before anything parses it.
+
+    `application/json` in any case, with any parameters, is JSON; so is a body without a
+    Content-Type (as most JSON APIs take it). Anything else (text/plain, XML, forms) is refused here,
+    never handed to the resolver's form parsers.
+    """
+    if event.get("httpMethod") not in BODY_METHODS or not event.get("body"):
+        return None
+    _, declared = _content_type(event)
+    if declared is None or media_type(declared) == JSON:
+        return None
+    message = f"Content-Type {declared.strip()!r} is not supported; send the body as {JSON}"
+    return {
+        "statusCode": UnsupportedMediaTypeError.status,
+        "headers": {"Content-Type": JSON},
+        "body": error_body(UnsupportedMediaTypeError.type, message, request_id_of(event)),
+        "isBase64Encoded": False,
+    }
+
+
+def with_json_content_type(event: dict[str, Any]) -> dict[str, Any]:
+    """`event` with a JSON Content-Type spelled `application/json...` in lower case, as the resolver's
+    validation recognises it (it compares case-sensitively); other events are returned as they are."""
+    name, declared = _content_type(event)
+    if name is None or declared is None or media_type(declared) != JSON or declared.startswith(JSON):
+        return event
+    canonical = JSON + declared.strip()[len(JSON) :]
+    fixed = dict(event)
+    for field, value in (("headers", canonical), ("multiValueHeaders", [canonical])):
+        if event.get(field):
+            kept = {k: v for k, v in event[field].items() if k.lower() != "content-type"}
+            fixed[field] = {**kept, name: value}
+    return fixed
+
+
+def parse_json_body(text: str | bytes) -> Any:
+    """The resolver's JSON body parser: a body nested deeper than the parser goes is the caller's 400."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise BadRequestError("the JSON body is nested too deeply") from exc
+
+
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     # loc, msg and type only: never the input values, pydantic's URLs or file names.
     details = []
@@ -137,6 +205,11 @@ def register(app: APIGatewayRestResolver, logger: Logger) -> None:
         where = ".".join(first["loc"]) or "request"
         message = f"{where}: {first['msg']}" + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
         return error_response(422, "validation_error", message, details=details)
+
+    @app.exception_handler(RequestUnsupportedContentType)
+    def not_json(exc: RequestUnsupportedContentType) -> Response:
+        # The handler refuses these first (unsupported_media_type); this is the resolver's own check.
+        return error_response(415, UnsupportedMediaTypeError.type, f"the body must be {JSON}")
 
     @app.exception_handler(UnicodeDecodeError)
     def not_text(exc: UnicodeDecodeError) -> Response:

@@ -35,7 +35,7 @@ logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
 
-app = APIGatewayRestResolver(enable_validation=True)
+app = APIGatewayRestResolver(enable_validation=True, json_body_deserializer=errors.parse_json_body)
 for module in (routes_meta, routes_models, routes_inference, routes_usage, routes_jobs, routes_batches):
     app.include_router(module.router)
 routes_meta.add_openapi(app)
@@ -44,14 +44,17 @@ errors.register(app, logger)
 service.get_service().warm()  # the cold start: every model loaded before the first request
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     too_large = errors.body_too_large(event)
     if too_large is not None:
         return too_large
+    not_json = errors.unsupported_media_type(event)  # a body of another media type: 415
+    if not_json is not None:
+        return not_json
     two_keys = caller.conflicting_keys(event)  # a Bearer key and an x-api-key that differ: 400
     if two_keys is not None:
         return two_keys
-    return app.resolve(event, context)
+    return app.resolve(errors.with_json_content_type(event), context)

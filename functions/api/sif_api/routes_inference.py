@@ -15,7 +15,7 @@ from sif_api.schemas import EmbeddingsRequest, EmbeddingsResponse, PredictReques
 from sif_api.service import ApiService, get_service
 
 router = Router()
-ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, ok=200)
+ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 500, ok=200)
 
 
 def request_id() -> str:

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sif_inference.tasks import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEMPLATE_CHARS
+
 ModelName = Annotated[str, Field(min_length=1, max_length=128, examples=["all-minilm-l6-v2"])]
 
 
@@ -34,6 +36,7 @@ def error_responses(*statuses: int, ok: int | None = None) -> dict[int, OpenAPIR
         401: "missing or unknown API key",
         404: "unknown model or route",
         413: "body over 6 MB, or more inputs / larger inputs than the model takes",
+        415: "a body that is not application/json",
         422: "the body or the query does not validate",
         429: "monthly quota used up (see Retry-After)",
         500: "internal error (the message carries the request id)",
@@ -58,6 +61,9 @@ class ModelLimits(BaseModel):
     max_text_chars: int | None = None
     max_image_bytes: int | None = None
     max_image_pixels: int | None = None
+    max_labels: int | None = Field(default=None, description="zero-shot: labels per call")
+    max_label_chars: int | None = Field(default=None, description="zero-shot: characters per label")
+    max_template_chars: int | None = Field(default=None, description="zero-shot: characters of the template")
 
 
 class ModelPrice(BaseModel):
@@ -136,11 +142,17 @@ class ImageInstance(BaseModel):
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    labels: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)] | None = Field(
-        default=None, description="zero-shot classification of text instances against these labels"
-    )
+    labels: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]],
+            Field(min_length=1, max_length=MAX_LABELS),
+        ]
+        | None
+    ) = Field(default=None, description="zero-shot classification of text instances against these labels")
     template: str = Field(
-        default="{}", description="how a label is phrased before embedding, e.g. 'This text is about {}.'"
+        default="{}",
+        max_length=MAX_TEMPLATE_CHARS,
+        description="how a label is phrased before embedding, e.g. 'This text is about {}.'",
     )
 
     @field_validator("template")

@@ -44,7 +44,7 @@ from sif_core.settings import Settings, get_settings
 from sif_inference.errors import BadInputError, ModelNotFoundError
 from sif_inference.manifest import ModelManifest, Price
 from sif_inference.registry import ModelRegistry
-from sif_inference.tasks import Task
+from sif_inference.tasks import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEMPLATE_CHARS, Task
 from sif_inference.tasks import TaskResult as Outcome
 from sif_metering.ledger import QuotaExceededError, TenantInactiveError, Usage, UsageLedger
 from sif_metering.metrics import UsageMetrics
@@ -299,6 +299,7 @@ class ApiService:
 def describe(manifest: ModelManifest) -> ModelInfo:
     variants = {v: manifest.files[f].sha256 for v, f in manifest.variants.items() if f in manifest.files}
     limits = manifest.limits
+    zero_shot = manifest.task == "embedding"  # text models also classify against labels
     return ModelInfo(
         name=manifest.name,
         version=manifest.version,
@@ -311,6 +312,9 @@ def describe(manifest: ModelManifest) -> ModelInfo:
             max_text_chars=limits.max_text_chars,
             max_image_bytes=limits.max_image_bytes,
             max_image_pixels=limits.max_image_pixels,
+            max_labels=MAX_LABELS if zero_shot else None,
+            max_label_chars=MAX_LABEL_CHARS if zero_shot else None,
+            max_template_chars=MAX_TEMPLATE_CHARS if zero_shot else None,
         ),
         description=manifest.description,
         default_variant=manifest.default_variant,

@@ -79,7 +79,8 @@ def deny(event: APIGatewayAuthorizerRequestEvent, principal: str) -> dict[str, A
     return response.asdict()
 
 
-@logger.inject_lambda_context
+# clear_state: the keys appended for one caller (tenant_id, key_id) must not label the next request's logs.
+@logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @event_source(data_class=APIGatewayAuthorizerRequestEvent)
 def lambda_handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> dict[str, Any]:

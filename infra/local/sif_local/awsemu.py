@@ -1,8 +1,14 @@
-"""The AWS emulator of the local stack: moto's server on 127.0.0.1.
+"""The AWS emulator of the local stack: moto's server on 127.0.0.1, behaving like AWS where users can tell.
 
-Clients reach it with `AWS_ENDPOINT_URL=<endpoint_url>` and any dummy credentials. A busy port is
-a clear `PortInUseError` at once, never a hang (moto's own ThreadedMotoServer waits forever when
-its thread fails to bind, and werkzeug exits the process on a bind error).
+Clients reach it with `AWS_ENDPOINT_URL=<endpoint_url>` and any dummy credentials. On top of moto:
+presigned (query-string SigV4) URLs are verified as S3 verifies them, against the credentials the
+stack signs with (`awsemu_presigned`); request bodies are stored as sent whatever their
+Content-Type; DynamoDB writes are serialised and transactions cheap (`awsemu_internals`, the one
+module that touches moto's and botocore's internals). A busy port is a clear `PortInUseError` at
+once, never a hang (moto's own ThreadedMotoServer waits forever when its thread fails to bind, and
+werkzeug exits the process on a bind error).
+
+`python -m sif_local.awsemu -p PORT` serves the same app in a process of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ import time
 import urllib.request
 from types import TracebackType
 from typing import IO, Any
+
+from sif_local.awsemu_internals import (
+    make_server,
+    serialize_dynamodb_writes,
+    server_app,
+    speed_up_dynamodb_transactions,
+)
+from sif_local.awsemu_presigned import PresignedUrlCheck, SigningCredentials
 
 log = logging.getLogger("sif_local.awsemu")
 
@@ -76,6 +90,25 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+def signing_credentials() -> list[SigningCredentials]:
+    """The identities presigned URLs are verified against: the credentials the stack gives its
+    functions (`aws_client_env`), so the URLs they presign work and an edited one does not."""
+    return [
+        SigningCredentials(
+            access_key=DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            token=DUMMY_CREDENTIALS["AWS_SESSION_TOKEN"],
+        )
+    ]
+
+
+def emulator_app() -> Any:
+    """The WSGI app the emulator serves: moto's server behind S3's presigned-URL checks."""
+    speed_up_dynamodb_transactions()
+    serialize_dynamodb_writes()
+    return PresignedUrlCheck(server_app(), signing_credentials())
+
+
 def aws_client_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, str]:
     """Environment for boto3 clients (and child processes) that talk to the emulator."""
     return {
@@ -86,115 +119,11 @@ def aws_client_env(endpoint_url: str, region: str = "us-east-1") -> dict[str, st
     }
 
 
-_transaction_keys = threading.local()
-
-
-def speed_up_dynamodb_transactions() -> None:
-    """Make moto's TransactWriteItems cost O(items touched), not O(table size).
-
-    moto snapshots every table a transaction names with copy.deepcopy before applying it (to roll
-    back on a cancelled transaction), so each transaction gets slower as the table grows; a usage
-    table with one marker per metered request crosses 50 ms within minutes. Here the snapshot is a
-    shallow copy of the table that deep-copies only the items the transaction touches, which is
-    all a rollback needs. Real DynamoDB has no such cost. Applies to the in-process emulator.
-    """
-    import copy
-
-    from moto.dynamodb import models
-    from moto.dynamodb.models.dynamo_type import DynamoType
-    from moto.dynamodb.models.table import Table
-
-    backend = models.DynamoDBBackend
-    if getattr(backend.transact_write_items, "_sif_fast", False):
-        return
-    original = backend.transact_write_items
-
-    def touched(self: Any, transact_items: list[dict[str, Any]]) -> dict[str, set[tuple[Any, Any]]] | None:
-        keys: dict[str, set[tuple[Any, Any]]] = {}
-        for item in transact_items:
-            op_type, op = next(iter(item.items()))
-            table = self.tables.get(op.get("TableName"))
-            if table is None:
-                return None
-            attrs = op["Item"] if op_type == "Put" else op["Key"]
-            hash_value = DynamoType(attrs[table.hash_key_attr])
-            range_value = DynamoType(attrs[table.range_key_attr]) if table.range_key_attr else None
-            keys.setdefault(table.name, set()).add((hash_value, range_value))
-        return keys
-
-    def snapshot(table: Any, keys: set[tuple[Any, Any]]) -> Any:
-        snap = copy.copy(table)
-        items = copy.copy(table.items)
-        copied: set[Any] = set()
-        for hash_value, range_value in keys:
-            if hash_value not in table.items:
-                continue
-            if range_value is None:
-                items[hash_value] = copy.deepcopy(table.items[hash_value])
-                continue
-            if hash_value not in copied:  # one copy of the inner dict per hash key
-                items[hash_value] = dict(table.items[hash_value])
-                copied.add(hash_value)
-            if range_value in items[hash_value]:
-                items[hash_value][range_value] = copy.deepcopy(items[hash_value][range_value])
-        snap.items = items
-        return snap
-
-    class SnapshotCopy:
-        """`copy` as moto.dynamodb.models sees it: a cheap snapshot of a table inside a transaction."""
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(copy, name)
-
-        def deepcopy(self, obj: Any, memo: Any = None) -> Any:
-            keys = getattr(_transaction_keys, "keys", None)
-            if keys is not None and isinstance(obj, Table) and obj.name in keys:
-                return snapshot(obj, keys[obj.name])
-            return copy.deepcopy(obj, memo)
-
-    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
-        try:
-            _transaction_keys.keys = touched(self, transact_items)
-        except (KeyError, TypeError, StopIteration, AttributeError):
-            _transaction_keys.keys = None  # malformed: moto's own path raises the right error
-        try:
-            original(self, transact_items)
-        finally:
-            _transaction_keys.keys = None
-
-    transact_write_items._sif_fast = True  # type: ignore[attr-defined]
-    models.copy = SnapshotCopy()  # type: ignore[assignment]
-    backend.transact_write_items = transact_write_items  # type: ignore[method-assign]
-
-
-_dynamodb_writes = threading.RLock()
-
-
-def serialize_dynamodb_writes() -> None:
-    """One DynamoDB write at a time in the in-process emulator, as DynamoDB's item-level atomicity
-    and transaction isolation promise. moto's server is threaded and its writes read, modify and
-    write items without a lock, so concurrent `ADD` updates of one counter could lose increments."""
-    from moto.dynamodb import models
-
-    backend = models.DynamoDBBackend
-    for name in ("put_item", "update_item", "delete_item", "transact_write_items", "batch_write_item"):
-        method = getattr(backend, name, None)
-        if method is None or getattr(method, "_sif_serialized", False):
-            continue
-
-        def serialized(self: Any, *args: Any, __method: Any = method, **kwargs: Any) -> Any:
-            with _dynamodb_writes:
-                return __method(self, *args, **kwargs)
-
-        serialized._sif_serialized = True  # type: ignore[attr-defined]
-        setattr(backend, name, serialized)
-
-
 class AwsEmulator:
     """moto's server bound to 127.0.0.1:`port` (SIF_AWS_PORT, default 5000; 0 picks a free one).
 
-    In-process by default (a werkzeug server thread); `in_process=False` runs `python -m moto.server`
-    as a child process instead, which keeps moto off this process's GIL.
+    In-process by default (a werkzeug server thread); `in_process=False` runs the same app as a child
+    process (`python -m sif_local.awsemu`) instead, which keeps moto off this process's GIL.
     """
 
     def __init__(self, port: int | None = None, *, host: str = HOST, in_process: bool = True) -> None:
@@ -228,20 +157,10 @@ class AwsEmulator:
         return self
 
     def _start_thread(self) -> None:
-        from moto.moto_server.werkzeug_app import (
-            DomainDispatcherApplication,
-            MotoRequestHandler,
-            create_backend_app,
-        )
-        from werkzeug.serving import make_server
-
         # One line per request from werkzeug is noise here.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        speed_up_dynamodb_transactions()
-        serialize_dynamodb_writes()
-        app = DomainDispatcherApplication(create_backend_app)
         try:
-            server = make_server(self.host, self.port, app, threaded=True, request_handler=MotoRequestHandler)
+            server = make_server(self.host, self.port, emulator_app())
         except SystemExit as exc:  # werkzeug exits on bind errors (a race with another program)
             raise PortInUseError(self.port, "AWS emulator", "SIF_AWS_PORT") from exc
         self._server = server
@@ -252,7 +171,7 @@ class AwsEmulator:
     def _start_process(self) -> None:
         if self.port == 0:
             self.port = free_port(self.host)
-        cmd = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        cmd = [sys.executable, "-m", "sif_local.awsemu", "-H", self.host, "-p", str(self.port)]
         # moto logs every request: a pipe nobody reads fills up and hangs the server, so use a file.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         log_file = self._log
@@ -306,3 +225,32 @@ class AwsEmulator:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sif_local.awsemu`: the emulator in a process of its own, until SIGTERM / Ctrl-C."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m sif_local.awsemu", description=__doc__.splitlines()[0])
+    parser.add_argument("-H", "--host", default=HOST)
+    parser.add_argument("-p", "--port", type=int, default=DEFAULT_AWS_PORT)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    emulator = AwsEmulator(args.port, host=args.host)
+    try:
+        emulator.start()
+    except PortInUseError as exc:
+        print(f"sif_local.awsemu: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """`sif`: the local stack's command-line tool.
 
-sif up                              start the local stack in the foreground (Ctrl-C stops it)
+sif up [--background]               start the local stack in the foreground (Ctrl-C stops it), or in
+                                    the background (`sif down` stops it); its state is kept in .local
+sif down                            stop the local stack started in the background (saving its state)
 sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key (and,
                                     once, on stderr, its callback signing secret)
 sif tenant rotate-callback-secret TENANT_ID   a new callback signing secret (printed once); the old one stops
@@ -60,17 +62,29 @@ def _display_path(path: Path) -> str:
 
 def _banner(running: Any) -> None:
     stack = running.stack
-    api, key = stack.api_url, stack.demo_api_key
-    models = ", ".join(f"{m.name}@{m.version}" for m in stack.models) or "none published"
+    _print_banner(
+        stack.api_url,
+        stack.aws_endpoint_url,
+        stack.demo_api_key,
+        [f"{m.name}@{m.version}" for m in stack.models],
+        stack.stack_json_path,
+    )
+
+
+def _print_banner(
+    api: str, aws: str, key: str | None, model_names: list[str], stack_json: Path, *, pid: int | None = None
+) -> None:
+    models = ", ".join(model_names) or "none published"
     q = shlex.quote
     lines = [
         "",
-        "sif local stack is up",
+        "sif local stack is up" + (f" in the background (pid {pid})" if pid else ""),
         f"  API            {api}",
-        f"  AWS emulator   {stack.aws_endpoint_url}   (AWS_ENDPOINT_URL=..., any credentials)",
+        f"  AWS emulator   {aws}   (AWS_ENDPOINT_URL=..., any credentials)",
         f"  demo API key   {key}",
         f"  models         {models}",
-        f"  stack file     {_display_path(stack.stack_json_path)}",
+        f"  stack file     {_display_path(stack_json)}",
+        f"  local state    {_display_path(stack_json.parent)} (kept across restarts; `make clean` drops it)",
         "",
         "Try:",
         f"  export SIF_KEY={q(str(key))}",
@@ -83,7 +97,7 @@ def _banner(running: Any) -> None:
         f'  curl -s -H "Authorization: Bearer $SIF_KEY" {api}/v1/usage',
         "  sif tenant create acme --monthly-calls 10000",
         "",
-        "Ctrl-C (or SIGTERM) stops everything.",
+        "`make down` (sif down) stops it." if pid else "Ctrl-C (or SIGTERM) stops everything.",
         "",
     ]
     print("\n".join(lines), flush=True)
@@ -91,8 +105,12 @@ def _banner(running: Any) -> None:
 
 # ---------------------------------------------------------------------- commands
 def cmd_up(args: argparse.Namespace) -> int:
+    from sif_local.awsemu_state import StateRestoreError
+    from sif_local.background import StackAlreadyRunning
     from sif_local.stack import DEFAULT_STATE_DIR, run_local_stack
 
+    if args.background:
+        return _up_in_background(args)
     try:
         return run_local_stack(
             on_ready=_banner,
@@ -102,12 +120,51 @@ def cmd_up(args: argparse.Namespace) -> int:
             state_dir=args.state_dir or DEFAULT_STATE_DIR,
             publish=not args.no_models,
         )
-    except PortInUseError as exc:
+    except (PortInUseError, StackAlreadyRunning, StateRestoreError) as exc:
         return _error(str(exc))
     except FileNotFoundError as exc:
         return _error(f"{exc} (or pass --no-models)")
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _up_in_background(args: argparse.Namespace) -> int:
+    from sif_local.background import BackgroundStartFailed, StackAlreadyRunning, start_background
+    from sif_local.stack import DEFAULT_STATE_DIR, STACK_JSON
+
+    state_dir = Path(args.state_dir or DEFAULT_STATE_DIR).resolve()
+    up_args = ["--state-dir", str(state_dir)]
+    for flag, value in (("--api-port", args.api_port), ("--aws-port", args.aws_port)):
+        if value is not None:
+            up_args += [flag, str(value)]
+    if args.models_dir is not None:
+        up_args += ["--models-dir", str(Path(args.models_dir).resolve())]
+    if args.no_models:
+        up_args.append("--no-models")
+    try:
+        info = start_background(up_args, state_dir)
+    except (StackAlreadyRunning, BackgroundStartFailed) as exc:
+        return _error(str(exc))
+    models = [f"{m['name']}@{m['version']}" for m in info.get("models", [])]
+    api, aws, key = info["api_url"], info["aws_endpoint_url"], info.get("demo_api_key")
+    _print_banner(api, aws, key, models, state_dir / STACK_JSON, pid=int(info["pid"]))
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from sif_local.background import stop_background
+    from sif_local.stack import DEFAULT_STATE_DIR
+
+    state_dir = Path(args.state_dir or DEFAULT_STATE_DIR)
+    try:
+        pid = stop_background(state_dir, timeout_s=args.timeout)
+    except TimeoutError as exc:
+        return _error(str(exc))
+    if pid is None:
+        print(f"no local stack is running from {_display_path(state_dir)}", flush=True)
+    else:
+        print(f"local stack (pid {pid}) stopped; its state is kept in {_display_path(state_dir)}", flush=True)
+    return EXIT_OK
 
 
 def _stack_clients(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
@@ -336,15 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start the local stack in the foreground")
+    up = sub.add_parser("up", help="start the local stack (in the foreground unless --background)")
     up.add_argument("--api-port", type=int, default=None, help="API port (default: $SIF_API_PORT or 3000)")
     up.add_argument("--aws-port", type=int, default=None, help="AWS emulator port (default: $SIF_AWS_PORT or 5000)")
     up.add_argument(
         "--models-dir", type=Path, default=None, help="built models (default: $SIF_MODELS_DIR or .cache/models)"
     )
     up.add_argument("--no-models", action="store_true", help="do not publish models")
-    up.add_argument("--state-dir", type=Path, default=None, help="where stack.json goes (default: .local)")
+    up.add_argument(
+        "--state-dir", type=Path, default=None, help="where stack.json and the kept state go (default: .local)"
+    )
+    up.add_argument(
+        "--background", action="store_true", help="start detached, return once it is up; `sif down` stops it"
+    )
     up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop the local stack started in the background (its state is kept)")
+    down.add_argument("--state-dir", type=Path, default=None, help="the stack's state dir (default: .local)")
+    down.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it to stop (default: 120)")
+    down.set_defaults(func=cmd_down)
 
     tenant = sub.add_parser("tenant", help="manage tenants of the running stack")
     tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")

@@ -58,6 +58,7 @@ GATEWAY_DEFAULTS: dict[str, tuple[int, str]] = {
     "UNAUTHORIZED": (401, "Unauthorized"),
     "ACCESS_DENIED": (403, "User is not authorized to access this resource"),
     "MISSING_AUTHENTICATION_TOKEN": (403, "Missing Authentication Token"),
+    "BAD_REQUEST_BODY": (400, "Invalid request body"),
     "REQUEST_TOO_LARGE": (413, "Request Too Long"),
     "AUTHORIZER_FAILURE": (500, "Authorizer failed"),
     "AUTHORIZER_CONFIGURATION_ERROR": (500, "Authorizer returned an invalid response"),
@@ -444,6 +445,21 @@ class LocalApiGateway:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve
 
+            def __getattr__(self, name: str) -> Any:
+                # Any other method (TRACE, CONNECT, PROPFIND, ...) is routed like the others: no route
+                # has it, so API Gateway's own answer, not the stdlib's HTML 501.
+                if name.startswith("do_"):
+                    return self._serve
+                raise AttributeError(name)
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                # What the stdlib refuses before routing (a malformed request line, too many or too
+                # long headers) gets API Gateway's JSON error body too, never an HTML page; and a
+                # status line with headers even when the request line was too broken to say HTTP/1.x.
+                if self.request_version == "HTTP/0.9":
+                    self.request_version = "HTTP/1.1"
+                gateway._write(self, gateway.client_error(code, message or "bad request"), close=True)
+
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("api: " + format, *args)
 
@@ -581,6 +597,14 @@ class LocalApiGateway:
         if kind == "UNAUTHORIZED":
             headers.append(("x-amzn-ErrorType", "UnauthorizedException"))
         return HttpResponse(status, headers, body.encode())
+
+    def client_error(self, status: int, message: str) -> HttpResponse:
+        """A request API Gateway refuses before routing it: a 4xx (never a 5xx: the client's fault)
+        rendered with the template's DEFAULT_4XX response."""
+        request_id = str(uuid.uuid4())
+        response = self.gateway_response("BAD_REQUEST_BODY", request_id, message)
+        response.status = status if 400 <= status < 500 else 400
+        return response
 
     def match(self, method: str, path: str) -> tuple[ApiRoute, dict[str, str]] | None:
         for route in self.routes:

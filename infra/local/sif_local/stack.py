@@ -8,8 +8,9 @@ IAM roles / instance profiles, log groups, and the AWS Batch compute environment
 job definition. The SAM functions, layers and API are not created in moto: the functions run
 in-process behind the local API gateway and event pollers (see `start_api` / `start_workers`).
 
-`run_local_stack` is `sif up`: emulator, stack, models, demo tenant, API, `.local/stack.json`,
-then it blocks until Ctrl-C / SIGTERM and stops everything.
+`run_local_stack` is `sif up`: emulator, stack, the state saved by the last run (`.local/state/`),
+models, demo tenant (the last run's), API, `.local/stack.json`, then it blocks until Ctrl-C / SIGTERM
+and stops everything, saving the state.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from sif_local.awsemu import (
     check_port_free,
     port_from_env,
 )
+from sif_local.awsemu_state import EmulatorState, PeriodicSnapshot
+from sif_local.background import pid_file
 from sif_local.template import (
     DEFAULT_ACCOUNT_ID,
     DEFAULT_REGION,
@@ -55,6 +58,9 @@ DEFAULT_API_PORT = 3000
 DEFAULT_MODELS_DIR = REPO_ROOT / ".cache" / "models"
 DEFAULT_STATE_DIR = REPO_ROOT / ".local"
 STACK_JSON = "stack.json"
+STATE_SNAPSHOT_DIR = "state"  # the emulator's state between runs (sif_local.awsemu_state)
+DEMO_TENANT_FILE = "demo-tenant.json"  # the demo tenant and its key, re-used while its key works
+DEFAULT_SNAPSHOT_INTERVAL_S = 30.0  # SIF_LOCAL_SNAPSHOT_S; the state is also saved when the stack stops
 MANIFEST_FILE = "manifest.json"
 MODELS_PREFIX = "models/"
 
@@ -662,6 +668,28 @@ class LocalStack:
         self.demo_tenant, self.demo_api_key = tenant, key
         return key
 
+    @property
+    def demo_tenant_path(self) -> Path:
+        return self.state_dir / DEMO_TENANT_FILE
+
+    def keep_demo_tenant(self) -> str:
+        """The demo tenant of the last run from this state dir while its key works (its tenant came
+        back with the state), else a new one; the demo key stays the same from run to run."""
+        from sif_core.tenants import check_key
+
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            saved = json.loads(self.demo_tenant_path.read_text())
+            if check_key(self.table(STACK_JSON_NAMES["tables"]["tenants"]), str(saved["api_key"])).allowed:
+                self.demo_tenant, self.demo_api_key = dict(saved["tenant"]), str(saved["api_key"])
+                return self.demo_api_key
+        key = self.create_demo_tenant()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.demo_tenant_path.with_suffix(".json.tmp")
+        tmp.touch(mode=0o600)
+        tmp.write_text(json.dumps({"tenant": self.demo_tenant, "api_key": key}, indent=2) + "\n")
+        tmp.replace(self.demo_tenant_path)
+        return key
+
     # ------------------------------------------------------------ stack.json
     def stack_info(self) -> dict[str, Any]:
         """What `.local/stack.json` holds (ARCHITECTURE.md's keys first, then extras)."""
@@ -813,6 +841,7 @@ class RunningStack:
     emulator: AwsEmulator
     stack: LocalStack
     services: list[RunningService]
+    snapshots: PeriodicSnapshot | None = None  # keeps the emulator's state in <state dir>/state
 
     @property
     def api_url(self) -> str:
@@ -827,6 +856,12 @@ class RunningStack:
             except Exception as exc:  # noqa: BLE001 - one failing service must not keep the rest running
                 log.warning("stopping %s: %s", type(service).__name__, exc)
         self.services = []
+        if self.snapshots is not None:  # after the services: nothing changes the state any more
+            try:
+                self.snapshots.stop()
+            except Exception as exc:  # noqa: BLE001 - the emulator must stop all the same
+                log.warning("could not save the local state to %s: %s", self.snapshots.state.root, exc)
+            self.snapshots = None
         self.emulator.stop()
         log.info("local stack stopped")
 
@@ -841,8 +876,14 @@ def start_local_stack(
     publish: bool = True,
     api: Callable[[LocalStack, int], RunningService] = start_api,
     workers: Callable[[LocalStack], list[RunningService]] = start_workers,
+    persist: bool = True,
+    snapshot_interval_s: float | None = None,
 ) -> RunningStack:
-    """Bring the whole local stack up and write stack.json; the caller stops it (RunningStack.stop)."""
+    """Bring the whole local stack up and write stack.json; the caller stops it (RunningStack.stop).
+
+    `persist`: restore the emulator's state from `<state_dir>/state` (S3 objects, DynamoDB items, SQS
+    messages), keep the demo tenant of the last run, and save the state every `snapshot_interval_s`
+    (default: SIF_LOCAL_SNAPSHOT_S or 30; 0: only on stop) and when the stack stops."""
     api_port = port_from_env("SIF_API_PORT", DEFAULT_API_PORT) if api_port is None else api_port
     aws_port = port_from_env("SIF_AWS_PORT", 5000) if aws_port is None else aws_port
     # Both ports first: fail before anything starts.
@@ -857,15 +898,37 @@ def start_local_stack(
             api_url=f"http://{HOST}:{api_port}",
             state_dir=state_dir,
         ).create()
+        state: EmulatorState | None = None
+        if persist:
+            state = EmulatorState(
+                stack.state_dir / STATE_SNAPSHOT_DIR,
+                stack.session,
+                emulator.endpoint_url,
+                region=stack.region,
+                # the published models are rebuilt from SIF_MODELS_DIR on every start
+                skip_buckets={stack.bucket("models")} if publish else (),
+                in_process=emulator.in_process,
+            )
+            state.restore()
         if publish:
             stack.publish_models(models_dir)
-        stack.create_demo_tenant()
+        if persist:
+            stack.keep_demo_tenant()
+        else:
+            stack.create_demo_tenant()
         api_service = api(stack, api_port)
         services.append(api_service)
         stack.api_url = str(getattr(api_service, "url", stack.api_url))
         services.extend(workers(stack))
-        running = RunningStack(emulator, stack, services)
+        snapshots = None
+        if state is not None:
+            if snapshot_interval_s is None:
+                snapshot_interval_s = float(os.environ.get("SIF_LOCAL_SNAPSHOT_S") or DEFAULT_SNAPSHOT_INTERVAL_S)
+            snapshots = PeriodicSnapshot(state, snapshot_interval_s)
+        running = RunningStack(emulator, stack, services, snapshots)
         stack.write_stack_json()
+        if snapshots is not None:
+            snapshots.start()
         return running
     except BaseException:
         for service in reversed(services):
@@ -895,8 +958,10 @@ def stop_signals() -> Iterator[threading.Event]:
 
 
 def run_local_stack(on_ready: Callable[[RunningStack], None] | None = None, **kwargs: Any) -> int:
-    """`sif up`: start everything, call `on_ready`, block until Ctrl-C / SIGTERM, stop. Exit code."""
-    with stop_signals() as stop:
+    """`sif up`: start everything, call `on_ready`, block until Ctrl-C / SIGTERM, stop. Exit code.
+
+    While it runs, `<state dir>/sif.pid` names this process (`sif down` stops it)."""
+    with pid_file(kwargs.get("state_dir") or DEFAULT_STATE_DIR), stop_signals() as stop:
         running = start_local_stack(**kwargs)
         try:
             if on_ready is not None:

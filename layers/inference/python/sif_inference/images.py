@@ -1,10 +1,20 @@
-"""Image decoding with limits, the open_nsfw preprocessing, and the classifier."""
+"""Image decoding with limits, the open_nsfw preprocessing, and the classifier.
+
+Memory is bounded per image, not per call: an image is decoded no larger than the model needs
+(JPEG at a DCT scale, JPEG 2000 at a resolution level, other formats reduced by an integer factor
+right after decoding), one image at a time in a process, and freed once it is a model input; a
+call or a file window keeps only the small model inputs. Images at most REDUCING_GAP x the model's
+resize on a side (every test image, most photos) decode exactly as before.
+"""
 
 from __future__ import annotations
 
 import io
+import re
+import threading
 import warnings
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,28 +28,91 @@ if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on im
     import onnxruntime as ort
 
 MAX_BATCH_IMAGES = 16
+# The formats clients send; Pillow's other decoders (EPS through Ghostscript, PSD, ICNS, FITS, ...)
+# never see our inputs. Each of these was measured at the pixel limit (tests/unit/test_hardening.py).
+FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "JPEG2000", "AVIF")
+# An image is decoded or reduced to no less than this many times the model's resize per side,
+# as Pillow's `reducing_gap`: the bilinear resize that follows gives practically the same pixels.
+REDUCING_GAP = 3
+# One full-size decode per process at a time, whatever threads score images.
+_DECODING = threading.Lock()
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
-def decode_image(data: bytes, *, max_bytes: int | None, max_pixels: int | None) -> Image.Image:
-    """Bytes -> RGB image, refusing oversize files, oversize pixel counts and decompression bombs."""
+@cache
+def supported_formats() -> tuple[str, ...]:
+    """FORMATS that this Pillow build decodes (AVIF needs Pillow 11.2+)."""
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def _clean(exc: BaseException) -> str:
+    """Pillow's message without object reprs (`<_io.BytesIO object at 0x...>`) or a trailing period."""
+    return _OBJECT_REPR.sub("the data", str(exc)).strip().rstrip(".") or type(exc).__name__
+
+
+def _open(data: bytes, max_pixels: int | None, fit: int | None) -> tuple[Image.Image, int]:
+    """(the image loaded, its pixels as sent); with `fit`, decoded at a reduced size where the format can."""
+    img = Image.open(io.BytesIO(data), formats=supported_formats())
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise InputLimitError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+    target = (fit or 0) * REDUCING_GAP
+    if target and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (target, target))  # DCT scaling by 1/2, 1/4 or 1/8, never below target
+    elif target and img.format == "JPEG2000" and min(width, height) >= 2 * target:
+        img.reduce = (min(width, height) // target).bit_length() - 1  # type: ignore[assignment, method-assign]
+        try:  # each resolution level halves both sides
+            img.load()
+        except OSError:  # a file with fewer levels than that: decoded at full size
+            img = Image.open(io.BytesIO(data), formats=supported_formats())
+    img.load()
+    return img, width * height
+
+
+def _reduced(img: Image.Image, fit: int) -> Image.Image:
+    """`img` as RGB, box-reduced by whole factors to no less than REDUCING_GAP x `fit` per side."""
+    target = fit * REDUCING_GAP
+    factors = (max(1, img.width // target), max(1, img.height // target))
+    # Image.reduce by name: a JPEG 2000 file's `reduce` attribute is its decode-time setting.
+    if img.mode in ("RGB", "L"):  # reduce first: the same pixels, and the full-size RGB copy is never made
+        img = Image.Image.reduce(img, factors) if factors != (1, 1) else img
+        return img if img.mode == "RGB" else img.convert("RGB")
+    img = img.convert("RGB")  # alpha dropped, palette and 16-bit values mapped, as at any size
+    return Image.Image.reduce(img, factors) if factors != (1, 1) else img
+
+
+def load_image(
+    data: bytes, *, max_bytes: int | None, max_pixels: int | None, fit: int | None = None
+) -> tuple[Image.Image, int]:
+    """Bytes -> (RGB image, pixels as sent), refusing oversize files and pixel counts, decompression
+    bombs and formats outside FORMATS. With `fit` (the side the caller resizes to) a large image comes
+    back reduced to no less than REDUCING_GAP x `fit` per side; the pixel count is the original's."""
     if max_bytes is not None and len(data) > max_bytes:
         raise InputLimitError(f"image is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
         raise ImageDecodeError("image is empty")
     try:
-        with warnings.catch_warnings():
+        with _DECODING, warnings.catch_warnings():
             # Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; both are bombs to us.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise InputLimitError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
-            img.load()
+            img, pixels = _open(data, max_pixels, fit)
+            img = _reduced(img, fit) if fit else img if img.mode == "RGB" else img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image refused as a decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
-    return img if img.mode == "RGB" else img.convert("RGB")
+        raise ImageDecodeError(f"image refused as a decompression bomb: {_clean(exc)}") from exc
+    except UnidentifiedImageError as exc:
+        names = ", ".join(supported_formats())
+        raise ImageDecodeError(f"cannot decode image: not an image in a supported format ({names})") from exc
+    except (InputLimitError, MemoryError):
+        raise
+    except Exception as exc:  # whatever a decoder raises on malformed bytes: OSError, struct.error, EOFError...
+        raise ImageDecodeError(f"cannot decode image: {_clean(exc)}") from exc
+    return img, pixels
+
+
+def decode_image(data: bytes, *, max_bytes: int | None, max_pixels: int | None) -> Image.Image:
+    """Bytes -> the whole RGB image at full size (see `load_image` for the checks)."""
+    return load_image(data, max_bytes=max_bytes, max_pixels=max_pixels)[0]
 
 
 def preprocess_open_nsfw(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
@@ -72,11 +145,21 @@ class ImageClassifier:
         self._output = manifest.output.name or session.get_outputs()[0].name
 
     def decode(self, data: bytes) -> Image.Image:
+        """The whole image at full size (what a caller sent; scoring goes through `prepare`)."""
         limits = self.manifest.limits
         return decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
         return preprocess_open_nsfw(img, self.cfg)
+
+    def prepare(self, data: bytes) -> tuple[np.ndarray, int]:
+        """(the model input, the pixels sent) for one image: decoded no larger than the preprocessing
+        needs, and dropped as soon as its input is made."""
+        limits = self.manifest.limits
+        img, pixels = load_image(
+            data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, fit=self.cfg.resize
+        )
+        return self.preprocess(img), pixels
 
     def score_arrays(self, arrays: list[np.ndarray]) -> np.ndarray:
         if not arrays:
@@ -88,8 +171,7 @@ class ImageClassifier:
         return np.concatenate(parts)
 
     def classify(self, images: list[bytes]) -> ImageScores:
-        """Decode, preprocess and score; the first undecodable image raises (callers wanting per-row errors
-        call decode/preprocess per row and score_arrays on the good ones)."""
-        decoded = [self.decode(b) for b in images]
-        arrays = [self.preprocess(img) for img in decoded]
-        return ImageScores(scores=self.score_arrays(arrays), pixels=[i.width * i.height for i in decoded])
+        """Prepare (one image at a time) and score; the first undecodable image raises (callers wanting
+        per-row errors call `prepare` per row and score_arrays on the good ones)."""
+        prepared = [self.prepare(b) for b in images]
+        return ImageScores(scores=self.score_arrays([a for a, _ in prepared]), pixels=[n for _, n in prepared])

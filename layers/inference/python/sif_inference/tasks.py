@@ -45,6 +45,11 @@ Field = Literal["text", "b64"]
 # Cosine similarities of normalised sentence embeddings sit in a narrow band; a temperature of
 # 0.05 (as in contrastive training of such models) turns them into usable label probabilities.
 ZERO_SHOT_TEMPERATURE = 0.05
+# Zero-shot labels are embedded per call (each label phrased by the template): bounded so that a
+# call's label work stays under a second and a half however the template repeats its slot.
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 100
+MAX_TEMPLATE_CHARS = 500
 LABEL_CACHE_SIZE = 4096
 CUDA = "CUDAExecutionProvider"
 
@@ -220,6 +225,8 @@ class TextTask(Task):
         text = raw.get("text") if isinstance(raw, dict) else raw
         if not isinstance(text, str):
             raise WrongTaskError(f"model {self.manifest.name!r} takes texts (strings), not {_kind(raw)}")
+        if not text:  # one rule for every path: the file reader refuses an empty field the same way
+            raise BadInputError("text is empty")
         limit = self.manifest.limits.max_text_chars
         if limit is not None and len(text) > limit:
             raise InputLimitError(f"text has {len(text)} characters; the limit is {limit}")
@@ -329,6 +336,15 @@ class ZeroShot(TextTask):
         super().__init__(model, profile=profile)
         if not labels:
             raise BadInputError("zero-shot classification needs at least one label")
+        if len(labels) > MAX_LABELS:
+            raise InputLimitError(f"{len(labels)} labels; zero-shot classification takes at most {MAX_LABELS}")
+        for i, label in enumerate(labels):
+            if not label:
+                raise BadInputError(f"label {i} is empty")
+            if len(label) > MAX_LABEL_CHARS:
+                raise InputLimitError(f"label {i} has {len(label)} characters; the limit is {MAX_LABEL_CHARS}")
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise InputLimitError(f"template has {len(template)} characters; the limit is {MAX_TEMPLATE_CHARS}")
         if len(set(labels)) != len(labels):
             raise BadInputError("labels has duplicates")
         if "{}" not in template:
@@ -386,11 +402,11 @@ class ImageClassification(Task):
                     f'model {self.manifest.name!r} takes images (bytes, base64 or {{"b64": ...}}), not {_kind(raw)}'
                 )
             data = decode_b64(b64)
-        try:
-            img = self.classifier.decode(data)
+        try:  # one image decoded at a time, at the size the model needs, and freed once it is an input
+            array, pixels = self.classifier.prepare(data)
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"undecodable image: {exc}") from exc
-        return PreparedImage(self.classifier.preprocess(img), img.width * img.height)
+        return PreparedImage(array, pixels)
 
     def run(self, items: list[Any]) -> RawOutput:
         parts = [
