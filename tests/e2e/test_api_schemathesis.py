@@ -78,7 +78,7 @@ def test_examples_and_coverage_phases_find_no_server_errors(
     run = [str(cli), "--no-color", "--config-file", str(config), "run", api_url + "/openapi.json"]
     run += ["--phases", "examples,coverage", "--checks", "not_a_server_error", "--workers", "1"]
     run += ["-H", f"Authorization: Bearer {fuzzer.key}"]
-    done = subprocess.run(run, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)  # its cache too
     summary = done.stdout[done.stdout.rfind("Test cases:") :]
     print(model, summary)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

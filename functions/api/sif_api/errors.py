@@ -32,6 +32,9 @@ from sif_metering.ledger import QuotaExceededError
 MAX_BODY_BYTES = 6 * 1024 * 1024
 JSON = "application/json"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Every body the API takes is a few levels deep; far deeper JSON is refused before validation walks it
+# (recursively, in Python), whatever the interpreter's own recursion limits.
+MAX_JSON_DEPTH = 64
 
 
 class ApiError(Exception):
@@ -174,12 +177,30 @@ def with_json_content_type(event: dict[str, Any]) -> dict[str, Any]:
     return fixed
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` (a dict or list: level 1) has containers below level `limit`; iterative."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth == limit and any(isinstance(child, dict | list) for child in children):
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def parse_json_body(text: str | bytes) -> Any:
-    """The resolver's JSON body parser: a body nested deeper than the parser goes is the caller's 400."""
+    """The resolver's JSON body parser: a body nested more than MAX_JSON_DEPTH levels is the caller's 400."""
+    too_deep = BadRequestError(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(text)
-    except RecursionError as exc:
-        raise BadRequestError("the JSON body is nested too deeply") from exc
+        value = json.loads(text)
+    except RecursionError:  # deeper than the parser goes
+        raise too_deep from None
+    # A text with no more brackets than the limit cannot nest deeper: most bodies skip the walk.
+    brackets = text.count("[") + text.count("{") if isinstance(text, str) else MAX_JSON_DEPTH + 1
+    if brackets > MAX_JSON_DEPTH and isinstance(value, dict | list) and _deeper_than(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sif_inference.tasks import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEMPLATE_CHARS
 
 ModelName = Annotated[str, Field(min_length=1, max_length=128, examples=["all-minilm-l6-v2"])]
+# A text to embed. The document says non-empty; the inference core refuses "" (400 "input N: text is
+# empty"), the one rule for calls, files and jobs, so the schema does not check it a second time.
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1})]
 
 
 # ---------------------------------------------------------------- errors
@@ -97,7 +100,7 @@ class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: ModelName
-    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+    input: Text | Annotated[list[Text], Field(min_length=1)] = Field(
         description="one text or a list of texts", examples=[["The quick brown fox", "hello"]]
     )
     encoding_format: Literal["float", "base64"] = Field(
@@ -152,6 +155,7 @@ class PredictParameters(BaseModel):
     template: str = Field(
         default="{}",
         max_length=MAX_TEMPLATE_CHARS,
+        json_schema_extra={"pattern": r"\{\}"},  # documents _has_slot, which says why it refuses
         description="how a label is phrased before embedding, e.g. 'This text is about {}.'",
     )
 
@@ -166,7 +170,7 @@ class PredictParameters(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instances: Annotated[list[str | ImageInstance], Field(min_length=1)] = Field(
+    instances: Annotated[list[Text | ImageInstance], Field(min_length=1)] = Field(
         description='texts (strings) or images ({"b64": ...})', examples=[["A man is eating food."]]
     )
     parameters: PredictParameters | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,18 @@ REDUCING_GAP = 3
 # One full-size decode per process at a time, whatever threads score images.
 _DECODING = threading.Lock()
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+# What Pillow's decoders raise on malformed or truncated bytes (RuntimeError: the AVIF decoder).
+MALFORMED = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    RuntimeError,
+    struct.error,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+)
 
 
 @cache
@@ -103,9 +116,7 @@ def load_image(
     except UnidentifiedImageError as exc:
         names = ", ".join(supported_formats())
         raise ImageDecodeError(f"cannot decode image: not an image in a supported format ({names})") from exc
-    except (InputLimitError, MemoryError):
-        raise
-    except Exception as exc:  # whatever a decoder raises on malformed bytes: OSError, struct.error, EOFError...
+    except MALFORMED as exc:
         raise ImageDecodeError(f"cannot decode image: {_clean(exc)}") from exc
     return img, pixels
 
