@@ -13,7 +13,7 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, Field
 
 from sif_core import keys
-from sif_core.lifecycle import Lifecycle
+from sif_core.lifecycle import Lifecycle, metering_id
 from sif_core.routing import SPEC_PARAMETER
 from sif_core.work import TERMINAL
 
@@ -55,6 +55,6 @@ def fail_from_batch_event(lifecycle: Lifecycle, event: BatchJobStateChange) -> d
     if record is None or record.status in TERMINAL:
         return {"action": "unchanged", "id": work_id, "status": record.status if record else None}
     error = f"the GPU job failed in AWS Batch ({detail.statusReason or 'no reason given'}; Batch job {detail.jobId})"
-    metering_id = f"job#{work_id}" if kind == "job" else f"batch#{work_id}#{record.details.get('etag', '')}"
-    lifecycle.fail(record, error, reason="gpu_job_failed", metering_id=metering_id)
+    billed_as = metering_id(kind, work_id, record.details.get("etag"))
+    lifecycle.fail(record, error, reason="gpu_job_failed", metering_id=billed_as)
     return {"action": "marked_failed", "kind": kind, "id": work_id}

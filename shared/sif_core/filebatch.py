@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sif_core import keys
-from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle
+from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, metering_id
 from sif_core.routing import GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
 from sif_core.rows import FileFormatError, Format, detect_format
 from sif_core.runner import DeadlineReached, Outcome, Work, WorkRunner, still_current
@@ -82,7 +82,7 @@ class InboxFile:
 
     @property
     def metering_id(self) -> str:
-        return f"batch#{self.batch_id}#{self.etag}"
+        return metering_id("batch", self.batch_id, self.etag)
 
     @property
     def uri(self) -> str:

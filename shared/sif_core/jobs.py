@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sif_core import keys
 from sif_core.callbacks import check_callback_url
-from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, WorkFailedError, short_error
+from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, WorkFailedError, metering_id, short_error
 from sif_core.routing import Accelerator, GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
 from sif_core.rows import ByteSource, BytesSource, FileFormatError, Format, detect_format
 from sif_core.runner import DeadlineReached, OnError, Outcome, Work, WorkRunner
@@ -101,7 +101,7 @@ class JobMessage(BaseModel):
 
     @property
     def metering_id(self) -> str:
-        return f"job#{self.id}"
+        return metering_id("job", self.id)
 
     def content_hash(self) -> str:
         """sha256 of what the job is (CONTENT_FIELDS): the same for every delivery of one message."""
@@ -247,7 +247,7 @@ class Jobs:
             source=source,
             fmt=fmt,
             output_prefix=keys.job_results_prefix(job.tenant, job.model, job.id),
-            metering_id=f"job#{job.id}",
+            metering_id=metering_id("job", job.id),
             variant=job.variant,
             on_error=on_error,
             describe=describe,
@@ -316,7 +316,7 @@ class Jobs:
         try:
             return self.runner.score(self.work(job, record), 0, Deadline.never(), route=record.route)
         except (WorkFailedError, SourceChangedError):
-            self.lc.release(record, f"job#{job.id}")
+            self.lc.release(record, metering_id("job", job.id))
             return Outcome("cancelled", job.id, record.route, reason="cancelled")
 
     def _fail(self, job: JobMessage, record: WorkRecord, error: str | BaseException, reason: str) -> Outcome:
@@ -356,7 +356,9 @@ class Jobs:
         try:
             work = self.work(spec, record)
         except WorkFailedError as exc:
-            self.lc.fail(record, describe_error(exc), reason=exc.reason or "bad_input", metering_id=f"job#{spec.id}")
+            self.lc.fail(
+                record, describe_error(exc), reason=exc.reason or "bad_input", metering_id=metering_id("job", spec.id)
+            )
             return Outcome("failed", spec.id, "gpu", reason=describe_error(exc))
         try:
             return self.runner.score(work, 0, Deadline.never(), route="gpu")
@@ -417,4 +419,4 @@ class Jobs:
             )
         if record.status in TERMINAL and record.status != "failed":
             return
-        self.lc.give_up(record, describe_error(error), attempts, f"job#{job_id}")
+        self.lc.give_up(record, describe_error(error), attempts, metering_id("job", job_id))

@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError
 from sif_core.announce import Announcer, WorkEvent
 from sif_core.keys import OUTPUT_FILES, s3_uri
 from sif_core.settings import Settings
-from sif_core.work import Kind, WorkRecord, WorkStore
+from sif_core.work import WorkRecord, WorkStore
 from sif_metering.ledger import NO_QUOTA, QuotaExceededError, Usage, UsageLedger, seconds_to_next_month
 
 if TYPE_CHECKING:  # the Batch-events function runs the lifecycle without numpy or onnxruntime
@@ -53,6 +53,11 @@ class WorkFailedError(Exception):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def metering_id(kind: str, work_id: str, etag: str | None = None) -> str:
+    """The id a job or batch is billed (and its quota reserved) under: job#{id}, batch#{id}#{etag}."""
+    return f"job#{work_id}" if kind == "job" else f"batch#{work_id}#{etag or ''}"
 
 
 def short_error(error: str | BaseException) -> str:
@@ -290,6 +295,8 @@ class Lifecycle:
         has_output: bool = True,
         **fields: Any,
     ) -> None:
+        with self._lock:  # the work ended: its progress clock goes (a warm process sees many ids)
+            self._last_progress.pop((record.kind, record.id), None)
         output = s3_uri(self.s.settings.results_bucket, prefix) if prefix else None
         event = WorkEvent.of(
             record.kind,
@@ -308,7 +315,3 @@ class Lifecycle:
             key = prefix + OUTPUT_FILES["predictions"] if prefix and has_output else None
             if not self.s.announcer.queue_callback(record.callback_url, event, key):
                 self.s.store.update(record.tenant, record.kind, record.id, callback_delivered=False)
-
-
-def record_for(kind: Kind, tenant: str, work_id: str, model: str, **fields: Any) -> WorkRecord:
-    return WorkRecord(id=work_id, kind=kind, tenant=tenant, model=model, **fields)

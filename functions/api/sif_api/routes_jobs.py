@@ -38,7 +38,7 @@ from sif_core.jobs import (
     instances_jsonl,
 )
 from sif_core.keys import OUTPUT_FILES, staged_input_key
-from sif_core.lifecycle import WorkFailedError
+from sif_core.lifecycle import WorkFailedError, metering_id
 from sif_core.routing import Accelerator, Route, choose_route, estimate_rows
 from sif_core.rows import FileFormatError, detect_format
 from sif_core.runner import OnError
@@ -149,7 +149,7 @@ class JobsApi:
             assert job_input.s3_uri is not None
             items = self._rows_in(tenant, job_input.s3_uri)
         route = choose_route(manifest, items, req.accelerator)
-        api.reserve(caller, f"job#{job_id}", items)
+        api.reserve(caller, metering_id("job", job_id), items)
         message = JobMessage(
             id=job_id,
             tenant=tenant,
@@ -188,7 +188,7 @@ class JobsApi:
             )
         except ClientError as exc:
             logger.exception("could not enqueue job", extra={"job_id": job_id})
-            api.release(caller, f"job#{job_id}")
+            api.release(caller, metering_id("job", job_id))
             self.store.update(tenant, "job", job_id, status="failed", error="could not be queued; submit it again")
             raise JobEnqueueError("the job could not be queued; try again") from exc
         logger.info("job queued", extra={"job_id": job_id, "tenant": tenant, "route": route, "items": items})
