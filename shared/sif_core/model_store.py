@@ -1,4 +1,5 @@
-"""The models bucket as a ModelSource: models/{name}/{version}/{file}, with manifest.json beside the files."""
+"""The models bucket as a ModelSource: models/{name}/{version}/{file}, with manifest.json beside the files,
+and models/{name}/aliases.json (the model's aliases and retired versions)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from sif_core.settings import Settings
 from sif_inference.errors import ModelNotFoundError
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import ModelRegistry
-from sif_inference.sources import MANIFEST_FILE, version_key
+from sif_inference.sources import INDEX_FILE, MANIFEST_FILE, version_key
+from sif_inference.versions import ModelIndex
 
 PREFIX = "models/"
 
@@ -29,11 +31,25 @@ class S3ModelSource:
     def list_models(self) -> list[str]:
         return sorted(self._list(self.prefix))
 
-    def latest_version(self, name: str) -> str:
-        versions = self._list(f"{self.prefix}{name}/")
+    def list_versions(self, name: str) -> list[str]:
+        # versions with a manifest only: a version being published gets its manifest last
+        prefix = f"{self.prefix}{name}/"
+        versions: list[str] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                version, _, rest = obj["Key"][len(prefix) :].partition("/")
+                if rest == MANIFEST_FILE:
+                    versions.append(version)
         if not versions:
             raise ModelNotFoundError(f"unknown model {name!r}")
-        return max(versions, key=version_key)
+        return sorted(versions, key=version_key)
+
+    def read_index(self, name: str) -> ModelIndex | None:
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}{name}/{INDEX_FILE}")
+        except self.s3.exceptions.NoSuchKey:
+            return None
+        return ModelIndex.model_validate_json(obj["Body"].read())
 
     def read_manifest(self, name: str, version: str) -> ModelManifest:
         try:

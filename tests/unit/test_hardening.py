@@ -32,7 +32,7 @@ from PIL import Image
 from sif_api.errors import MAX_JSON_DEPTH
 from sif_inference import InputLimitError, ModelRegistry
 from sif_inference.errors import BadInputError, ImageDecodeError
-from sif_inference.images import FORMATS, REDUCING_GAP, decode_image, load_image, preprocess_open_nsfw
+from sif_inference.images import FORMATS, REDUCING_GAP, decode_image, load_image, preprocess
 from sif_inference.manifest import ImagePreprocessing
 from sif_inference.tasks import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEMPLATE_CHARS, ImageClassification, ZeroShot
 from sif_local.gateway import LambdaContext
@@ -273,7 +273,18 @@ def test_a_rejected_request_after_an_accepted_one_logs_no_tenant(
 
 
 # ---------------------------------------------------------------------- defect 2: images, exactness first
-CFG = ImagePreprocessing()
+# open-nsfw's configuration of the manifest's image pipeline
+CFG = ImagePreprocessing.model_validate(
+    {
+        "resize": 256,
+        "crop": 224,
+        "channel_order": "BGR",
+        "layout": "NHWC",
+        "scale": 1.0,
+        "mean": [104.0, 117.0, 123.0],
+        "jpeg_reencode": True,
+    }
+)
 
 
 def test_normal_images_decode_exactly_as_before(registry: ModelRegistry) -> None:
@@ -283,7 +294,7 @@ def test_normal_images_decode_exactly_as_before(registry: ModelRegistry) -> None
     for _, data in make_test_images():
         full = decode_image(data, max_bytes=None, max_pixels=None)
         array, pixels = clf.prepare(data)
-        np.testing.assert_array_equal(array, preprocess_open_nsfw(full, CFG))
+        np.testing.assert_array_equal(array, preprocess(full, CFG))
         assert pixels == full.width * full.height
 
 
@@ -300,9 +311,7 @@ def test_large_images_are_decoded_small_and_score_as_at_full_size(registry: Mode
     assert all(target <= side < 2 * target for side in img.size), img.size  # decoded small, or reduced
     task = ImageClassification(registry.get("open-nsfw"))
     reduced = task.predict([data], strict=True)
-    full = task.classifier.score_arrays(
-        [preprocess_open_nsfw(decode_image(data, max_bytes=None, max_pixels=None), CFG)]
-    )
+    full = task.classifier.score_arrays([preprocess(decode_image(data, max_bytes=None, max_pixels=None), CFG)])
     assert reduced.pixels == pixels
     assert abs(reduced.predictions[0]["sfw"] - float(full[0][0])) < 0.01
 

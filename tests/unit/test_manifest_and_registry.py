@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sif_inference import IntegrityError, LocalDirSource, ModelManifest, ModelNotFoundError, ModelRegistry
-from sif_inference.errors import WrongTaskError
+from sif_inference.errors import UnknownVariantError, WrongTaskError
 from sif_inference.integrity import sha256_file
 
 
@@ -44,8 +44,8 @@ def test_image_manifest_settings(models_dir):
 def test_unknown_model_and_variant(registry):
     with pytest.raises(ModelNotFoundError):
         registry.manifest("no-such-model")
-    with pytest.raises(ModelNotFoundError):
-        registry.get("all-minilm-l6-v2", "fp16")
+    with pytest.raises(UnknownVariantError, match="has no variant 'fp16'"):
+        registry.get("all-minilm-l6-v2", "fp16")  # the model exists: a 400 on the API, not a 404
 
 
 def test_one_session_per_model_variant_per_process(registry):

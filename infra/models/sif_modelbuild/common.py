@@ -52,3 +52,22 @@ def write_manifest(out_dir: Path, spec: dict[str, Any], files: list[str], build:
 
 def load_texts() -> list[str]:
     return [t for t in TEXTS.read_text().splitlines() if t.strip()]
+
+
+def signature_of(onnx_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The graph's inputs and outputs as the manifest's `signature`: name, ONNX element type in lower
+    case (float, int64, string, ...) and shape, None where an axis is dynamic (named or unknown)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(value: Any) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        return {"name": value.name, "dtype": onnx.TensorProto.DataType.Name(tensor.elem_type).lower(), "shape": dims}
+
+    return {
+        "inputs": [spec(v) for v in graph.input if v.name not in initializers],
+        "outputs": [spec(v) for v in graph.output],
+    }

@@ -27,3 +27,11 @@ class WrongTaskError(InferenceError):
 
 class BadInputError(InferenceError, ValueError):
     """An input the model cannot take as given: bad base64, text that is not valid Unicode, a wrong type."""
+
+
+class UnknownVariantError(InferenceError, ValueError):
+    """A variant the model does not have (a 400: the model exists, the request names no variant of it)."""
+
+
+class BadModelRefError(ModelNotFoundError):
+    """A model reference that is not `name`, `name@version` or `name@alias` (no such model: a 404)."""

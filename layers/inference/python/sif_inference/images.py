@@ -1,4 +1,4 @@
-"""Image decoding with limits, the open_nsfw preprocessing, and the classifier.
+"""Image decoding with limits, the manifest's preprocessing, and the classifier.
 
 Memory is bounded per image, not per call: an image is decoded no larger than the model needs
 (JPEG at a DCT scale, JPEG 2000 at a resolution level, other formats reduced by an integer factor
@@ -126,17 +126,36 @@ def decode_image(data: bytes, *, max_bytes: int | None, max_pixels: int | None) 
     return load_image(data, max_bytes=max_bytes, max_pixels=max_pixels)[0]
 
 
-def preprocess_open_nsfw(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
-    """open_nsfw's reference pipeline: resize, centre crop, JPEG round-trip, BGR minus mean (HWC)."""
-    img = img.resize((cfg.resize, cfg.resize), resample=Image.Resampling.BILINEAR)
-    off = (cfg.resize - cfg.crop) // 2
-    img = img.crop((off, off, off + cfg.crop, off + cfg.crop))
+def preprocess(img: Image.Image, cfg: ImagePreprocessing) -> np.ndarray:
+    """The manifest's pipeline: resize (square, or the shorter side keeping the aspect), centre crop,
+    optional JPEG round trip, (pixel * scale - mean) / std per channel in `channel_order`, `layout`.
+
+    open-nsfw's reference pipeline is one configuration: square 256, crop 224, JPEG round trip, BGR
+    minus (104, 117, 123), NHWC (scale and std 1: the same float32 values as its own code)."""
+    if cfg.resize_mode == "shorter_side":
+        w, h = img.size
+        ratio = cfg.resize / min(w, h)
+        size = (max(cfg.resize, round(w * ratio)), max(cfg.resize, round(h * ratio)))
+    else:
+        size = (cfg.resize, cfg.resize)
+    img = img.resize(size, resample=Image.Resampling.BILINEAR)
+    left, top = (size[0] - cfg.crop) // 2, (size[1] - cfg.crop) // 2
+    img = img.crop((left, top, left + cfg.crop, top + cfg.crop))
     if cfg.jpeg_reencode:
         buf = io.BytesIO()
         img.save(buf, format="JPEG")
         buf.seek(0)
         img = Image.open(buf)
-    arr = np.asarray(img, dtype=np.float32)[:, :, ::-1] - np.asarray(cfg.mean_bgr, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.float32)
+    if cfg.scale != 1.0:
+        arr = arr * np.float32(cfg.scale)
+    if cfg.channel_order == "BGR":
+        arr = arr[:, :, ::-1]
+    arr = arr - np.asarray(cfg.mean, dtype=np.float32)
+    if any(s != 1.0 for s in cfg.std):
+        arr = np.asarray(arr / np.asarray(cfg.std, dtype=np.float32), dtype=np.float32)
+    if cfg.layout == "NCHW":
+        arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -161,7 +180,7 @@ class ImageClassifier:
         return decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        return preprocess_open_nsfw(img, self.cfg)
+        return preprocess(img, self.cfg)
 
     def prepare(self, data: bytes) -> tuple[np.ndarray, int]:
         """(the model input, the pixels sent) for one image: decoded no larger than the preprocessing

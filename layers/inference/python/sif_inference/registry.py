@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -16,11 +18,17 @@ from sif_inference.manifest import ModelManifest
 from sif_inference.sources import ModelSource
 from sif_inference.tasks import Task, task_class, task_for
 from sif_inference.tokenization import TextTokenizer
+from sif_inference.versions import ModelIndex, ModelRef, choose_version
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
     from sif_inference.images import ImageClassifier
+
+
+logger = logging.getLogger(__name__)
+# How long a warm process trusts what it read of a model's versions and aliases.
+INDEX_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -39,41 +47,88 @@ class ModelRegistry:
     bytes, so what is served is exactly what was verified.
     """
 
-    def __init__(self, source: ModelSource, cache_dir: Path, *, threads: int | None = None) -> None:
+    def __init__(
+        self, source: ModelSource, cache_dir: Path, *, threads: int | None = None, index_ttl_s: float = INDEX_TTL_S
+    ) -> None:
         self.source = source
         self.cache_dir = Path(cache_dir)
         self.threads = threads
-        self._manifests: dict[str, ModelManifest] = {}
-        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self.index_ttl_s = index_ttl_s
+        self._manifests: dict[tuple[str, str], ModelManifest] = {}  # versions are immutable: kept
+        self._indexes: dict[str, tuple[float, list[str], ModelIndex | None]] = {}  # re-read after index_ttl_s
+        self._loaded: dict[tuple[str, str, str], LoadedModel] = {}
         self._lock = threading.Lock()
-        self._prefetched: dict[tuple[str, str], Future[dict[str, bytes]]] = {}
+        self._prefetched: dict[tuple[str, str, str], Future[dict[str, bytes]]] = {}
 
     def names(self) -> list[str]:
         return self.source.list_models()
 
-    def manifest(self, name: str) -> ModelManifest:
-        cached = self._manifests.get(name)
+    # ------------------------------------------------------------ versions and aliases
+    def versions(self, name: str) -> tuple[list[str], ModelIndex | None]:
+        """(published versions, the model's index), as of at most `index_ttl_s` ago: a warm process
+        sees an alias move or a new version within that time, without a redeploy."""
+        now = time.monotonic()
+        cached = self._indexes.get(name)
+        if cached is None or now - cached[0] >= self.index_ttl_s:
+            versions = self.source.list_versions(name)
+            try:
+                index = self.source.read_index(name)
+            except ValueError:  # an unreadable index: versions still serve, `latest` is the highest
+                logger.exception("unreadable model index %s; ignoring its aliases", name)
+                index = None
+            cached = (now, versions, index)
+            self._indexes[name] = cached
+        return cached[1], cached[2]
+
+    def resolve(self, ref: str, *, routing_key: str | None = None, tenant: str | None = None) -> ModelManifest:
+        """The manifest `ref` (`name`, `name@version`, `name@alias`) means for this request.
+
+        A canary alias picks a version by `routing_key` (stable per request id); a model private to
+        another tenant is unknown (ModelNotFoundError), as if it did not exist."""
+        parsed = ModelRef.parse(ref)
+        versions, index = self.versions(parsed.name)
+        manifest = self.manifest(parsed.name, choose_version(parsed, versions, index, routing_key))
+        if not manifest.visible_to(tenant):
+            raise ModelNotFoundError(f"unknown model {parsed.name!r}")
+        return manifest
+
+    def manifest(self, name: str, version: str | None = None) -> ModelManifest:
+        """One version's manifest (None: what `latest` points at)."""
+        if version is None:
+            return self.resolve(name)
+        key = (name, version)
+        cached = self._manifests.get(key)
         if cached is None:
-            version = self.source.latest_version(name)
-            cached = self.source.read_manifest(name, version)
-            self._manifests[name] = cached
+            try:
+                cached = self.source.read_manifest(name, version)
+            except ValueError as exc:  # not JSON, or not a manifest: this version is not servable
+                raise ModelNotFoundError(f"model {name!r} version {version!r} has an unreadable manifest") from exc
+            if cached.name != name or cached.version != version:
+                raise ModelNotFoundError(f"{name}/{version}: its manifest says {cached.name}/{cached.version}")
+            self._manifests[key] = cached
         return cached
 
-    def manifests(self) -> list[ModelManifest]:
-        """Every model with a readable manifest; a folder without one (a half-published or
-        half-deleted model) is not a model, and must not take the listing down."""
+    def manifests(self, tenant: str | None = None) -> list[ModelManifest]:
+        """What `latest` points at for every model `tenant` may see. A model whose folder has no
+        readable manifest (half-published, half-deleted, hand-edited) is logged and left out: it must
+        not take the listing down for the others."""
         found = []
         for name in self.names():
             try:
-                found.append(self.manifest(name))
+                versions, index = self.versions(name)
+                manifest = self.manifest(name, choose_version(ModelRef(name), versions, index))
             except ModelNotFoundError:
+                logger.warning("model %s has no servable version; not listed", name, exc_info=True)
                 continue
+            if manifest.visible_to(tenant):
+                found.append(manifest)
         return found
 
-    def get(self, name: str, variant: str | None = None) -> LoadedModel:
-        manifest = self.manifest(name)
+    def get(self, name: str, variant: str | None = None, *, version: str | None = None) -> LoadedModel:
+        manifest = self.manifest(name, version)
         chosen = variant or manifest.default_variant
-        key = (name, chosen)
+        manifest.variant_file(chosen)  # an unknown variant is an UnknownVariantError, before any loading
+        key = (manifest.name, manifest.version, chosen)
         loaded = self._loaded.get(key)
         if loaded is not None:
             return loaded
@@ -88,7 +143,7 @@ class ModelRegistry:
         """Start fetching and verifying a model's files in the background (cold start: the download
         overlaps with the imports and session set-up that follow); get() picks the bytes up."""
         manifest = self.manifest(name)
-        key = (name, variant or manifest.default_variant)
+        key = (manifest.name, manifest.version, variant or manifest.default_variant)
         if key in self._loaded or key in self._prefetched:
             return
         future: Future[dict[str, bytes]] = Future()
@@ -96,7 +151,7 @@ class ModelRegistry:
 
         def fetch() -> None:
             try:
-                future.set_result({f: self.read_verified(manifest, f) for f in manifest.files_for(key[1])})
+                future.set_result({f: self.read_verified(manifest, f) for f in manifest.files_for(key[2])})
             except Exception as exc:  # noqa: BLE001 - re-raised to whoever calls get()
                 future.set_exception(exc)
 
@@ -107,6 +162,7 @@ class ModelRegistry:
         name: str,
         variant: str | None = None,
         *,
+        version: str | None = None,
         kind: str | None = None,
         labels: Sequence[str] | None = None,
         template: str | None = None,
@@ -114,8 +170,8 @@ class ModelRegistry:
         """The task a call means on model `name` (`kind`, else zero-shot with `labels`, else the model's own).
 
         A model that cannot do it is a WrongTaskError before anything is loaded."""
-        task_class(self.manifest(name), kind, labels=labels)
-        return task_for(self.get(name, variant), kind, labels=labels, template=template)
+        task_class(self.manifest(name, version), kind, labels=labels)
+        return task_for(self.get(name, variant, version=version), kind, labels=labels, template=template)
 
     def embedder(self, name: str, variant: str | None = None) -> TextEmbedder:
         model = self.get(name, variant)
@@ -123,8 +179,8 @@ class ModelRegistry:
             raise WrongTaskError(f"model {name!r} does {model.manifest.task}, not embedding")
         return model.embedder
 
-    def classifier(self, name: str) -> ImageClassifier:
-        model = self.get(name)
+    def classifier(self, name: str, variant: str | None = None) -> ImageClassifier:
+        model = self.get(name, variant)
         if model.classifier is None:
             raise WrongTaskError(f"model {name!r} does {model.manifest.task}, not image-classification")
         return model.classifier
@@ -151,7 +207,7 @@ class ModelRegistry:
     def _load(self, manifest: ModelManifest, variant: str) -> LoadedModel:
         from sif_inference.sessions import build_session, on_gpu, run_pool
 
-        prefetched = self._prefetched.pop((manifest.name, variant), None)
+        prefetched = self._prefetched.pop((manifest.name, manifest.version, variant), None)
         files = prefetched.result() if prefetched is not None else {}
 
         def read(filename: str) -> bytes:

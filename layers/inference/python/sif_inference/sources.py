@@ -1,4 +1,8 @@
-"""Where model files come from. The core knows only this protocol; the S3 source lives outside it."""
+"""Where model files come from. The core knows only this protocol; the S3 source lives outside it.
+
+A source is laid out like the models bucket: `{name}/{version}/manifest.json` beside the version's
+files, and `{name}/aliases.json` (the model's index of aliases and retired versions, optional).
+"""
 
 from __future__ import annotations
 
@@ -8,24 +12,29 @@ from typing import Protocol
 
 from sif_inference.errors import ModelNotFoundError
 from sif_inference.manifest import ModelManifest
+from sif_inference.versions import INDEX_FILE, ModelIndex, version_key
 
 MANIFEST_FILE = "manifest.json"
+
+__all__ = ["INDEX_FILE", "MANIFEST_FILE", "LocalDirSource", "ModelSource", "version_key"]
 
 
 class ModelSource(Protocol):
     def list_models(self) -> list[str]: ...
 
-    def latest_version(self, name: str) -> str: ...
+    def list_versions(self, name: str) -> list[str]:
+        """Versions of `name` that have a manifest (ModelNotFoundError when none)."""
+        ...
+
+    def read_index(self, name: str) -> ModelIndex | None:
+        """The model's aliases and retired versions, or None when it has no index."""
+        ...
 
     def read_manifest(self, name: str, version: str) -> ModelManifest: ...
 
     def read(self, name: str, version: str, filename: str) -> bytes:
         """One model file's bytes (the registry verifies them before use)."""
         ...
-
-
-def version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 class LocalDirSource:
@@ -39,11 +48,15 @@ class LocalDirSource:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and any(p.glob(f"*/{MANIFEST_FILE}")))
 
-    def latest_version(self, name: str) -> str:
+    def list_versions(self, name: str) -> list[str]:
         versions = [p.parent.name for p in (self.root / name).glob(f"*/{MANIFEST_FILE}")]
         if not versions:
             raise ModelNotFoundError(f"unknown model {name!r}")
-        return max(versions, key=version_key)
+        return sorted(versions, key=version_key)
+
+    def read_index(self, name: str) -> ModelIndex | None:
+        path = self.root / name / INDEX_FILE
+        return ModelIndex.model_validate_json(path.read_bytes()) if path.is_file() else None
 
     def read_manifest(self, name: str, version: str) -> ModelManifest:
         path = self.root / name / version / MANIFEST_FILE
