@@ -8,10 +8,17 @@ import os
 import time
 from pathlib import Path
 
-from sif_modelbuild import minilm, nsfw
+from sif_modelbuild import efficientnet, minilm, minilm_topic, nsfw, tabular
 
 log = logging.getLogger("sif_modelbuild")
-BUILDERS = {minilm.NAME: minilm.build, nsfw.NAME: nsfw.build}
+# In build order: minilm-topic reuses the all-minilm-l6-v2 encoder that the minilm builder exports.
+BUILDERS = {
+    minilm.NAME: minilm.build,
+    nsfw.NAME: nsfw.build,
+    efficientnet.NAME: efficientnet.build,
+    minilm_topic.NAME: minilm_topic.build,
+    tabular.NAME: tabular.build,
+}
 
 
 def main() -> None:
@@ -22,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("sif_modelbuild").setLevel(logging.INFO)  # onnxruntime's quantizer is chatty at INFO
-    for name in args.only or sorted(BUILDERS):
+    for name in [n for n in BUILDERS if n in args.only] if args.only else BUILDERS:
         start = time.perf_counter()
         out = BUILDERS[name](args.out.resolve(), force=args.force)
         log.info("%s ready in %s (%.1fs)", name, out, time.perf_counter() - start)
