@@ -7,6 +7,15 @@ empty field, non-UTF-8 bytes and an over-long line each fail that row only. What
 whole file is a `FileFormatError`: an unknown extension, a CSV header without the needed
 columns, a corrupt gzip stream.
 
+The field a row's value is read from is the task's (sif_inference.taskbase.Field):
+- `text`, `b64`: a string (JSONL: the field; CSV: the column of that name);
+- `features` (tabular): an object of named features. JSONL: the row's `features` object, passed
+  on as it is (the task checks it). CSV: every column but `id` whose name is a declared feature
+  (`features`, name -> "number" | "category"; names match the lower-cased header); a declared
+  feature without a column fails the file, a number cell that is not one (or an empty cell) fails
+  its row only;
+- `inputs` (tensor): an object of named nested lists, JSONL only (a CSV file fails as a whole).
+
 Reading can resume: `RowReader.position` is where the rows yielded so far end (bytes of the
 decompressed stream, physical lines, rows and the CSV header), and `open_rows(..., start=pos)`
 carries on from there with the same line numbers. Plain files resume with a ranged read;
@@ -16,16 +25,20 @@ gzip files are decompressed from the start and the consumed prefix skipped.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:  # reading rows needs no inference core; the field names are the tasks'
+    from sif_inference.taskbase import Field
 
 Format = Literal["jsonl", "csv", "jsonl.gz", "csv.gz"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv", "jsonl.gz", "csv.gz")
-Field = Literal["text", "b64"]
+OBJECT_FIELDS = ("features", "inputs")  # fields whose value is a JSON object, not a string
 
 CHUNK_BYTES = 1 << 20
 # One row may be this long: a base64 image at the models' 4 MB limit is ~5.4 MB of text.
@@ -121,6 +134,7 @@ class Position:
 
 
 RowId = str | int
+RowValue = str | dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +142,15 @@ class Row:
     index: int  # 0-based among the file's data rows
     line: int  # 1-based line the row starts on
     id: RowId
-    value: str  # the text, or the base64 of an image
+    value: RowValue  # the text, the base64 of an image, or an object (features, inputs)
+    size: int = dataclasses.field(default=0, compare=False)  # characters of the row as read (bounds a scoring window)
+
+    @property
+    def text(self) -> str:
+        """The value of a `text` or `b64` row (a string; a TypeError for an object)."""
+        if not isinstance(self.value, str):
+            raise TypeError(f"row {self.id!r} holds an object, not a string")
+        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,11 +297,13 @@ class RowReader:
         start: Position | None = None,
         *,
         max_row_bytes: int = MAX_ROW_BYTES,
+        features: Mapping[str, str] | None = None,
     ) -> None:
         if fmt not in FORMATS:
             raise FileFormatError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self.field = field
+        self.features = features  # a tabular model's features (name -> "number" | "category"): CSV columns
         self.start = start or Position()
         self.max_row_bytes = max_row_bytes
         self.position = self.start
@@ -360,7 +384,9 @@ class RowReader:
             return BadRow(index, line_no, None, "bad JSON: nested too deeply")
         if not isinstance(obj, dict):
             return BadRow(index, line_no, None, f"row is a JSON {type(obj).__name__}, not an object")
-        return _check_fields(obj.get("id", _MISSING), obj.get(field_name, _MISSING), index, line_no, field_name)
+        return _check_fields(
+            obj.get("id", _MISSING), obj.get(field_name, _MISSING), index, line_no, field_name, len(raw)
+        )
 
     # -- CSV
     def _csv(self, lines: _Lines) -> Iterator[Item]:
@@ -383,14 +409,22 @@ class RowReader:
         if header is None:
             header = self._read_header(reader, lines)
             self.position = Position(lines.offset, lines.line, index, header)
-        try:
-            id_col, value_col = header.index("id"), header.index(self.field)
-        except ValueError:
-            missing = [c for c in ("id", self.field) if c not in header]
-            raise FileFormatError(
-                f"CSV header has no {' or '.join(repr(c) for c in missing)} column (columns: {', '.join(header)})"
-            ) from None
-        need = max(id_col, value_col) + 1
+        if self.field == "inputs":
+            raise FileFormatError("tensor inputs are read from JSONL files only: a CSV cell cannot hold a tensor")
+        columns: dict[str, int] = {}
+        if self.field == "features":
+            columns = _feature_columns(header, self.features)
+            id_col, value_col = header.index("id"), -1
+            need = max([id_col, *columns.values()]) + 1
+        else:
+            try:
+                id_col, value_col = header.index("id"), header.index(self.field)
+            except ValueError:
+                missing = [c for c in ("id", self.field) if c not in header]
+                raise FileFormatError(
+                    f"CSV header has no {' or '.join(repr(c) for c in missing)} column (columns: {', '.join(header)})"
+                ) from None
+            need = max(id_col, value_col) + 1
         while True:
             first_line = lines.line + 1
             try:
@@ -412,9 +446,16 @@ class RowReader:
                 elif len(record) < need:
                     row_id = record[id_col].strip() if len(record) > id_col and record[id_col].strip() else None
                     missing_name = "id" if len(record) <= id_col else self.field
-                    item = BadRow(index, first_line, row_id, f"missing field {missing_name!r}")
+                    if columns and missing_name != "id":
+                        feature = next(name for name, col in columns.items() if col >= len(record))
+                        item = BadRow(index, first_line, row_id, f"missing feature {feature!r}")
+                    else:
+                        item = BadRow(index, first_line, row_id, f"missing field {missing_name!r}")
+                elif self.field == "features":
+                    item = _feature_row(record, id_col, columns, self.features, index, first_line)
                 else:
-                    item = _check_fields(record[id_col].strip(), record[value_col], index, first_line, self.field)
+                    size = sum(map(len, record)) + len(record)
+                    item = _check_fields(record[id_col].strip(), record[value_col], index, first_line, self.field, size)
             index += 1
             self.position = Position(lines.offset, lines.line, index, header)
             yield item
@@ -442,26 +483,83 @@ def _has_surrogates(record: list[str]) -> bool:
     return False
 
 
-def _check_fields(row_id: object, value: object, index: int, line_no: int, field_name: str) -> Item:
+def _id_error(row_id: object) -> str:
+    """Why `row_id` is not a row id ("" when it is one)."""
     if row_id is _MISSING or row_id is None:
-        clean_id: RowId | None = None
-        id_error = "missing field 'id'"
-    elif isinstance(row_id, bool) or not isinstance(row_id, str | int):
-        clean_id, id_error = None, f"field 'id' must be a string or an integer, not {type(row_id).__name__}"
-    elif isinstance(row_id, str) and not row_id.strip():
-        clean_id, id_error = None, "field 'id' is empty"
-    else:
-        clean_id, id_error = row_id, ""
+        return "missing field 'id'"
+    if isinstance(row_id, bool) or not isinstance(row_id, str | int):
+        return f"field 'id' must be a string or an integer, not {type(row_id).__name__}"
+    if isinstance(row_id, str) and not row_id.strip():
+        return "field 'id' is empty"
+    return ""
+
+
+def _check_fields(row_id: object, value: object, index: int, line_no: int, field_name: str, size: int) -> Item:
+    id_error = _id_error(row_id)
     if id_error:
-        return BadRow(index, line_no, clean_id, id_error)
-    assert clean_id is not None
+        return BadRow(index, line_no, None, id_error)
+    assert isinstance(row_id, str | int)
     if value is _MISSING or value is None:
-        return BadRow(index, line_no, clean_id, f"missing field {field_name!r}")
+        return BadRow(index, line_no, row_id, f"missing field {field_name!r}")
+    if field_name in OBJECT_FIELDS:
+        if not isinstance(value, dict):
+            return BadRow(index, line_no, row_id, f"field {field_name!r} must be an object, not {_json_type(value)}")
+        if not value:
+            return BadRow(index, line_no, row_id, f"field {field_name!r} is empty")
+        return Row(index, line_no, row_id, value, size)
     if not isinstance(value, str):
-        return BadRow(index, line_no, clean_id, f"field {field_name!r} must be a string, not {type(value).__name__}")
+        return BadRow(index, line_no, row_id, f"field {field_name!r} must be a string, not {type(value).__name__}")
     if not value.strip():
-        return BadRow(index, line_no, clean_id, f"field {field_name!r} is empty")
-    return Row(index, line_no, clean_id, value)
+        return BadRow(index, line_no, row_id, f"field {field_name!r} is empty")
+    return Row(index, line_no, row_id, value, size)
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _feature_columns(header: tuple[str, ...], features: Mapping[str, str] | None) -> dict[str, int]:
+    """Feature name -> its column: every column but `id` that is a declared feature (all of them
+    when none are declared). A declared feature without a column fails the file."""
+    if "id" not in header:
+        raise FileFormatError(f"CSV header has no 'id' column (columns: {', '.join(header)})")
+    if features is None:
+        return {name: i for i, name in enumerate(header) if name != "id"}
+    missing = [name for name in features if name.lower() not in header]
+    if missing:
+        names = ", ".join(repr(n) for n in missing[:12]) + (
+            f" and {len(missing) - 12} more" if len(missing) > 12 else ""
+        )
+        raise FileFormatError(f"CSV header has no column for feature(s) {names} (columns: {', '.join(header)})")
+    return {name: header.index(name.lower()) for name in features}
+
+
+def _feature_row(
+    record: list[str],
+    id_col: int,
+    columns: dict[str, int],
+    features: Mapping[str, str] | None,
+    index: int,
+    line_no: int,
+) -> Item:
+    """A CSV record as `{feature: value}`: number cells parsed as floats, category cells as they are."""
+    row_id = record[id_col].strip()
+    if not row_id:
+        return BadRow(index, line_no, None, "field 'id' is empty")
+    values: dict[str, Any] = {}
+    for name, col in columns.items():
+        cell = record[col]
+        if not cell.strip():
+            return BadRow(index, line_no, row_id, f"feature {name!r} is empty")
+        if features is not None and features.get(name) == "number":
+            try:
+                values[name] = float(cell)
+            except ValueError:
+                return BadRow(index, line_no, row_id, f"feature {name!r} is not a number: {cell[:40]!r}")
+        else:
+            values[name] = cell
+    return Row(index, line_no, row_id, values, sum(map(len, record)) + len(record))
 
 
 def open_rows(
@@ -471,9 +569,11 @@ def open_rows(
     start: Position | None = None,
     *,
     max_row_bytes: int = MAX_ROW_BYTES,
+    features: Mapping[str, str] | None = None,
 ) -> RowReader:
-    """Rows of `source` read as `fmt`, from `start` (a previous reader's `position`) on."""
-    return RowReader(source, fmt, field, start, max_row_bytes=max_row_bytes)
+    """Rows of `source` read as `fmt`, from `start` (a previous reader's `position`) on; `features`:
+    a tabular model's features, which a CSV file's columns are read as."""
+    return RowReader(source, fmt, field, start, max_row_bytes=max_row_bytes, features=features)
 
 
 def __getattr__(name: str) -> Any:
@@ -499,6 +599,7 @@ __all__ = [
     "Position",
     "Row",
     "RowReader",
+    "RowValue",
     "detect_format",
     "open_rows",
     "strip_format",

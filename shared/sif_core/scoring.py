@@ -30,10 +30,11 @@ from typing import Any, Literal, Protocol
 
 from sif_core.keys import OUTPUT_FILES
 from sif_core.rows import BadRow, ByteSource, Format, Item, Position, Row, open_rows
+from sif_inference.errors import WrongTaskError
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import ModelRegistry
-from sif_inference.rounding import compact_json
-from sif_inference.tasks import Task
+from sif_inference.rounding import Encoding, compact_json
+from sif_inference.tasks import Field, Task, TextEmbedding
 
 Stream = Literal["predictions", "errors"]
 STREAMS: tuple[Stream, ...] = ("predictions", "errors")
@@ -44,13 +45,19 @@ _dumps = compact_json
 # ---------------------------------------------------------------------- models
 @dataclass
 class WindowScores:
-    """One window's results: a prediction (JSON text) or an error for each row, by position."""
+    """One window's results: a prediction (JSON text) or an error for each row, by position.
+
+    `inputs`: the quota units scored (None: one per prediction; a row of an OpenAI batch is a request
+    of several texts). `lines`: predictions and errors are whole output lines, written as they are
+    (an OpenAI batch's output and error files), not `{"id", "prediction"}` / `{"line", "id", "error"}`."""
 
     predictions: dict[int, str] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     tokens: int = 0
     pixels: int = 0
     truncated: int = 0
+    inputs: int | None = None
+    lines: bool = False
 
 
 class FileModel(Protocol):
@@ -58,8 +65,13 @@ class FileModel(Protocol):
 
     manifest: ModelManifest
     variant: str
-    field: Literal["text", "b64"]
+    field: Field
+    features: dict[str, str] | None  # a tabular model's features: what a CSV file's columns are read as
     window_rows: int
+
+    def units(self, rows: list[Row]) -> int:
+        """The quota units (inputs) `rows` hold: what the gate reserves before scoring them."""
+        ...
 
     def score(self, rows: list[Row]) -> WindowScores: ...
 
@@ -70,17 +82,27 @@ class TaskFileModel:
     Decoding, limits, clipping, batch sizes and each prediction's JSON text are the task's, so a
     file row gives the same line as the same input through the API or a job."""
 
-    def __init__(self, task: Task, *, window_rows: int | None = None) -> None:
+    def __init__(self, task: Task, *, window_rows: int | None = None, encoding: Encoding = "float") -> None:
         self.task = task
+        self.dumps_all = task.dumps_all  # each prediction's JSON text
+        if encoding == "base64":
+            if not isinstance(task, TextEmbedding):
+                name = task.manifest.name
+                raise WrongTaskError(f'encoding_format "base64" is for embeddings; {name!r} does {task.name}')
+            self.dumps_all = task.dumps_base64
         self.manifest = task.manifest
         self.variant = task.variant
-        self.field: Literal["text", "b64"] = task.field
+        self.field: Field = task.field
+        self.features = task.features
         self.window_rows = window_rows or task.profile.window_rows
+
+    def units(self, rows: list[Row]) -> int:
+        return len(rows)
 
     def score(self, rows: list[Row]) -> WindowScores:
         result = self.task.predict([row.value for row in rows])
         return WindowScores(
-            predictions=self.task.dumps_all(result.predictions),
+            predictions=self.dumps_all(result.predictions),
             errors=result.errors,
             tokens=result.tokens,
             pixels=result.pixels,
@@ -88,9 +110,17 @@ class TaskFileModel:
         )
 
 
-def file_model(registry: ModelRegistry, name: str, variant: str | None = None) -> FileModel:
-    """The FileModel for a registry model: its own task, sized for the session's provider (CPU or GPU)."""
-    return TaskFileModel(registry.task(name, variant))
+def file_model(
+    registry: ModelRegistry,
+    name: str,
+    variant: str | None = None,
+    *,
+    version: str | None = None,
+    encoding: Encoding = "float",
+) -> FileModel:
+    """The FileModel for a registry model (one version; None: `latest`): its own task, sized for the
+    session's provider (CPU or GPU); `encoding` "base64" writes an embedding model's vectors as OpenAI does."""
+    return TaskFileModel(registry.task(name, variant, version=version), encoding=encoding)
 
 
 # ---------------------------------------------------------------------- outputs and state
@@ -131,6 +161,7 @@ class Checkpoint:
     phase: Literal["scoring", "finishing"] = "scoring"
     succeeded: int = 0
     failed: int = 0
+    inputs: int = 0  # quota units scored (billed): one per good row, or the texts of an OpenAI batch's requests
     tokens: int = 0
     pixels: int = 0
     truncated: int = 0
@@ -153,6 +184,7 @@ class Checkpoint:
             "segment": self.segment,
             "phase": self.phase,
             "succeeded": self.succeeded,
+            "inputs": self.inputs,
             "failed": self.failed,
             "tokens": self.tokens,
             "pixels": self.pixels,
@@ -177,6 +209,7 @@ class Checkpoint:
             segment=int(data["segment"]),
             phase="finishing" if data["phase"] == "finishing" else "scoring",
             succeeded=int(data["succeeded"]),
+            inputs=int(data.get("inputs", data["succeeded"])),  # older checkpoints: one unit per good row
             failed=int(data["failed"]),
             tokens=int(data["tokens"]),
             pixels=int(data.get("pixels", 0)),
@@ -287,7 +320,7 @@ def _windows(items: Iterator[Item], max_rows: int, max_bytes: int) -> Iterator[l
         window.append(item)
         if isinstance(item, Row):
             rows += 1
-            size += len(item.value)
+            size += item.size or len(item.value)
         if rows >= max_rows or size >= max_bytes:
             yield window
             window, rows, size = [], 0, 0
@@ -356,13 +389,17 @@ class _Run:
                 continue
             prediction = scores.predictions.get(k)
             if prediction is not None:
-                self.add("predictions", _prediction_line(item.id, prediction))
+                self.add("predictions", prediction + "\n" if scores.lines else _prediction_line(item.id, prediction))
                 self.state.succeeded += 1
+            elif scores.lines and k in scores.errors:
+                self.add("errors", scores.errors[k] + "\n")
+                self.state.failed += 1
             else:
                 error = scores.errors.get(k, "not scored")
                 self.add("errors", BadRow(item.index, item.line, item.id, error).to_json() + "\n")
                 self.state.failed += 1
             k += 1
+        self.state.inputs += len(scores.predictions) if scores.inputs is None else scores.inputs
         self.state.tokens += scores.tokens
         self.state.pixels += scores.pixels
         self.state.truncated += scores.truncated
@@ -385,9 +422,10 @@ def score_file(
 ) -> ScoreSummary:
     """Score `source` (or the rest of it, from `checkpoint`) into `sink`.
 
-    `gate(state, rows)` is asked before each window of `rows` rows is scored; a reason it returns
-    (cancelled, quota_exceeded, ...) stops scoring there: the outputs are completed with the rows
-    scored so far and the manifest says why it stopped (`checkpoint.stopped`).
+    `gate(state, units)` is asked before each window is scored (`units`: the quota units its rows
+    hold, `model.units`); a reason it returns (cancelled, quota_exceeded, ...) stops scoring there:
+    the outputs are completed with the rows scored so far and the manifest says why it stopped
+    (`checkpoint.stopped`).
 
     Returns when the file is done (outputs complete, manifest written) or when `deadline` is
     near, with a checkpoint saved whose `segment` is `segment + 1`: the caller hands that on.
@@ -404,13 +442,13 @@ def score_file(
     size = source.size or 0
 
     if state.phase == "scoring":
-        reader = open_rows(source, fmt, model.field, state.position)
+        reader = open_rows(source, fmt, model.field, state.position, features=model.features)
         max_rows = config.window_rows or model.window_rows
         window_ms = 0.0  # the slowest recent window: the next one may take as long
         with reader:
             for window in _windows(iter(reader), max_rows, config.window_bytes):
                 if gate is not None:
-                    state.stopped = gate(state, sum(1 for item in window if isinstance(item, Row)))
+                    state.stopped = gate(state, model.units([item for item in window if isinstance(item, Row)]))
                     if state.stopped:
                         break
                 started = time.monotonic()
@@ -466,6 +504,7 @@ def build_manifest(state: Checkpoint, model: FileModel, meta: dict[str, Any] | N
         "input": source,
         "rows": state.rows,
         "succeeded": state.succeeded,
+        "inputs": state.inputs,
         "failed": state.failed,
         "tokens": state.tokens,
         "pixels": state.pixels,

@@ -27,6 +27,7 @@ from sif_inference.tasks import (
     TEXT_GPU,
     ImageClassification,
     LabelCache,
+    TensorTask,
     TextEmbedding,
     ZeroShot,
     task_for,
@@ -67,7 +68,7 @@ def significant_digits(x: float) -> int:
 
 # ---------------------------------------------------------------------- the catalogue
 def test_the_factory_picks_the_task_from_the_manifest_kind_and_labels(registry, fp32, int8, images):
-    assert set(TASKS) == {"embedding", "zero-shot", "image-classification"}
+    assert set(TASKS) == {"embedding", "zero-shot", "text-classification", "image-classification", "tabular", "tensor"}
     assert type(fp32) is TextEmbedding and (fp32.variant, int8.variant) == ("fp32", "int8")
     assert type(images) is ImageClassification and images.field == "b64" and fp32.field == "text"
     zero_shot = registry.task(MODEL, labels=["a", "b"], template="about {}")
@@ -76,8 +77,13 @@ def test_the_factory_picks_the_task_from_the_manifest_kind_and_labels(registry, 
         registry.task(NSFW, kind="embedding")
     with pytest.raises(WrongTaskError, match="not zero-shot"):
         registry.task(NSFW, labels=["a"])
-    with pytest.raises(WrongTaskError, match="unknown task"):
+    with pytest.raises(WrongTaskError, match="does embedding, not tabular"):
         registry.task(MODEL, kind="tabular")
+    with pytest.raises(WrongTaskError, match="unknown task"):
+        registry.task(MODEL, kind="regression")
+    # every model also serves raw tensors (KServe v2)
+    assert type(registry.task(MODEL, kind="tensor")) is TensorTask is type(registry.task(NSFW, kind="tensor"))
+    assert registry.task(MODEL, kind="tensor").field == "inputs"
     with pytest.raises(BadInputError, match="duplicates"):
         registry.task(MODEL, labels=["a", "a"])
     with pytest.raises(BadInputError, match="template"):

@@ -17,7 +17,8 @@ from sif_inference.errors import (
 from sif_inference.manifest import ModelManifest
 from sif_inference.registry import LoadedModel, ModelRegistry
 from sif_inference.sources import LocalDirSource, ModelSource
-from sif_inference.tasks import TASKS, BatchProfile, Task, TaskResult, task_for
+from sif_inference.tasks import TASKS, BatchProfile, Task, TaskResult, task_class, task_for
+from sif_inference.tensors import run_tensors
 
 
 def __getattr__(name: str) -> object:
@@ -49,5 +50,7 @@ __all__ = [
     "TaskResult",
     "TextEmbedder",
     "decode_b64",
+    "run_tensors",
+    "task_class",
     "task_for",
 ]

@@ -1,40 +1,27 @@
-"""Text embeddings: tokenize, run, input order out.
+"""Text embeddings: a TextRunner whose rows are vectors, pooled and normalised as the manifest says.
 
-On CPU each text runs alone on one thread (`pool`: one worker per usable CPU), so a vector is
-bitwise the same whatever its batch-mates, the call's size, the thread count or the instance, and
-no work is spent on padding. On a GPU texts go in length-sorted micro-batches: wide tensors are what
-a GPU is for (batch-invariance is a CPU promise)."""
+A sentence-transformers export that pools inside the graph (output [batch, dim], all-MiniLM-L6-v2)
+is served as the graph gives it. One that outputs token vectors ([batch, tokens, dim]) is pooled
+here with the attention mask (`embedding.pooling`: mean or cls) and L2-normalised if
+`embedding.normalize` says so. See sif_inference.text for how texts are run (CPU: one per run)."""
 
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from sif_inference.batching import length_sorted_batches
-from sif_inference.errors import InputLimitError
-from sif_inference.manifest import ModelManifest
+from sif_inference.errors import InferenceError, InputLimitError
+from sif_inference.manifest import EmbeddingConfig, ModelManifest
+from sif_inference.pooling import embedding_head
+from sif_inference.text import MAX_BATCH_ITEMS, MAX_BATCH_TOKENS, TextRows, TextRunner
 from sif_inference.tokenization import TextTokenizer
 
 if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on import
     import onnxruntime as ort
-    from tokenizers import Encoding
 
-MAX_BATCH_ITEMS = 32  # measured: 32 x 4096 beats 64 x 8192 by ~13% on int8 (cache-sized GEMMs)
-MAX_BATCH_TOKENS = 4096
+EmbeddingResult = TextRows  # vectors (n, dim) float32 in input order, tokens per text, truncated flags
 
-
-@dataclass(frozen=True)
-class EmbeddingResult:
-    vectors: np.ndarray  # (n, dim) float32, L2-normalised, input order
-    tokens: list[int]  # tokens each input cost, special tokens included
-    truncated: list[bool]
-
-    @property
-    def total_tokens(self) -> int:
-        return int(sum(self.tokens))
+__all__ = ["MAX_BATCH_ITEMS", "MAX_BATCH_TOKENS", "EmbeddingResult", "TextEmbedder"]
 
 
 class TextEmbedder:
@@ -49,10 +36,19 @@ class TextEmbedder:
         self.session = session
         self.tokenizer = tokenizer
         self.manifest = manifest
-        self.pool = pool  # set: one text per run, spread over the pool's threads (the CPU path)
+        self.pool = pool
         self.dim = manifest.output.dim
-        self._input_names = {i.name for i in session.get_inputs()}
-        self._output = manifest.output.name or session.get_outputs()[0].name
+        cfg = manifest.embedding or EmbeddingConfig()
+        output = manifest.output.name or session.get_outputs()[0].name
+        declared = {o.name: o.shape for o in session.get_outputs()}.get(output)
+        if declared is not None and len(declared) == 3 and cfg.pooling == "none":
+            raise InferenceError(
+                f"{manifest.name}: graph output {output!r} is one vector per token; "
+                "the manifest's embedding.pooling must say how to pool them (mean or cls)"
+            )
+        self.runner = TextRunner(
+            session, tokenizer, output=output, width=self.dim or None, head=embedding_head(cfg), pool=pool
+        )
 
     def check_limits(self, texts: list[str], *, max_inputs: int | None = None) -> None:
         limits = self.manifest.limits
@@ -71,27 +67,4 @@ class TextEmbedder:
 
         `max_items` / `max_tokens` size the micro-batches; the session's peak memory grows with
         `max_tokens` (the file scorer passes a smaller one to stay within its memory budget)."""
-        if not texts:
-            return EmbeddingResult(np.zeros((0, self.dim), dtype=np.float32), [], [])
-        encodings = self.tokenizer.encode(texts)
-        lengths = [len(e.ids) for e in encodings]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if self.pool is not None:
-            for i, vector in enumerate(self.pool.map(lambda e: self._run([e])[0], encodings)):
-                out[i] = vector
-        else:
-            for idx in length_sorted_batches(lengths, max_items=max_items, max_tokens=max_tokens):
-                out[idx] = self._run([encodings[i] for i in idx])
-        return EmbeddingResult(
-            vectors=out,
-            tokens=lengths,
-            truncated=[self.tokenizer.was_truncated(e) for e in encodings],
-        )
-
-    def _run(self, encodings: list[Encoding]) -> np.ndarray:
-        batch = self.tokenizer.pad(encodings)
-        feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if "token_type_ids" in self._input_names:
-            feed["token_type_ids"] = batch.token_type_ids
-        (vectors,) = self.session.run([self._output], feed)
-        return np.asarray(vectors, dtype=np.float32)
+        return self.runner.run(texts, max_items=max_items, max_tokens=max_tokens)

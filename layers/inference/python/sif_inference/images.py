@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sif_inference.batching import iter_batch
-from sif_inference.errors import ImageDecodeError, InputLimitError
+from sif_inference.errors import ImageDecodeError, InferenceError, InputLimitError
 from sif_inference.manifest import ImagePreprocessing, ModelManifest
+from sif_inference.scores import activate, classification
 
 if TYPE_CHECKING:  # onnxruntime is imported where sessions are built, not on import
     import onnxruntime as ort
@@ -166,13 +167,34 @@ class ImageScores:
 
 
 class ImageClassifier:
+    """Images -> one score per label: the manifest's preprocessing (layout included), the graph's
+    one input, and its output through `classification.activation` (sif_inference.scores)."""
+
     def __init__(self, session: ort.InferenceSession, manifest: ModelManifest) -> None:
         self.session = session
         self.manifest = manifest
         self.labels = manifest.labels
         self.cfg = manifest.preprocessing or ImagePreprocessing()
-        self._input = session.get_inputs()[0].name
+        self.activation = classification(manifest).activation
+        graph_input = session.get_inputs()[0]
+        self._input = graph_input.name
         self._output = manifest.output.name or session.get_outputs()[0].name
+        self._check_layout(graph_input.shape)
+
+    def _check_layout(self, shape: list[object]) -> None:
+        """A graph whose fixed input dims disagree with the preprocessing is refused at load, not
+        run on transposed pixels."""
+        if not shape:  # a graph that does not declare its input's shape: nothing to check
+            return
+        crop = self.cfg.crop
+        item = [3, crop, crop] if self.cfg.layout == "NCHW" else [crop, crop, 3]
+        dims = list(shape)[1:] if len(shape) == 4 else None
+        if dims is None or any(isinstance(d, int) and d != want for d, want in zip(dims, item, strict=True)):
+            wanted = ["batch", *item]
+            raise InferenceError(
+                f"{self.manifest.name}: the graph's input {self._input!r} is {list(shape)}; "
+                f"the manifest's preprocessing ({self.cfg.layout}, crop {crop}) makes {wanted}"
+            )
 
     def decode(self, data: bytes) -> Image.Image:
         """The whole image at full size (what a caller sent; scoring goes through `prepare`)."""
@@ -197,7 +219,7 @@ class ImageClassifier:
         parts = []
         for chunk in iter_batch(arrays, MAX_BATCH_IMAGES):
             (out,) = self.session.run([self._output], {self._input: np.stack(chunk)})
-            parts.append(np.asarray(out, dtype=np.float32))
+            parts.append(activate(out, self.activation))
         return np.concatenate(parts)
 
     def classify(self, images: list[bytes]) -> ImageScores:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING
 from sif_inference.embedder import TextEmbedder
 from sif_inference.errors import IntegrityError, ModelNotFoundError, WrongTaskError
 from sif_inference.integrity import manifest_entry, require_sha256
-from sif_inference.manifest import ModelManifest
+from sif_inference.manifest import ModelManifest, Signature
 from sif_inference.sources import ModelSource
 from sif_inference.tasks import Task, task_class, task_for
+from sif_inference.tensors import graph_signature
+from sif_inference.text import TextRunner
 from sif_inference.tokenization import TextTokenizer
 from sif_inference.versions import ModelIndex, ModelRef, choose_version
 
@@ -29,15 +31,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 # How long a warm process trusts what it read of a model's versions and aliases.
 INDEX_TTL_S = 30.0
+# Tasks whose models take texts: a tokenizer, and on CPU one text per single-threaded run.
+TEXT_TASKS = ("embedding", "text-classification")
 
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """One model variant, ready: its session and what its task needs around it."""
+
     manifest: ModelManifest
     variant: str
     session: ort.InferenceSession
-    embedder: TextEmbedder | None = None
-    classifier: ImageClassifier | None = None
+    embedder: TextEmbedder | None = None  # embedding models
+    classifier: ImageClassifier | None = None  # image classifiers
+    text: TextRunner | None = None  # text models (embedding, text-classification): tokenizer + session
+    signature: Signature | None = None  # the graph's inputs and outputs, as the session reads them
 
 
 class ModelRegistry:
@@ -214,18 +222,28 @@ class ModelRegistry:
             return files.get(filename) or self.read_verified(manifest, filename)
 
         graph = read(manifest.variant_file(variant))  # verified first: a file failing its sha256 is never served
-        if manifest.task == "embedding":
+        if manifest.task in TEXT_TASKS:
             if manifest.tokenizer is None:
-                raise ModelNotFoundError(f"{manifest.name}: embedding model without a tokenizer")
+                raise ModelNotFoundError(f"{manifest.name}: {manifest.task} model without a tokenizer")
             tok = TextTokenizer.from_bytes(read(manifest.tokenizer.file), manifest.tokenizer.max_length)
-            if on_gpu():
-                session = build_session(graph, threads=self.threads)
-                return LoadedModel(manifest, variant, session, embedder=TextEmbedder(session, tok, manifest))
             # CPU: single-threaded runs, one text each, spread over one thread per usable CPU (sessions.run_pool).
-            session = build_session(graph, threads=1)
-            embedder = TextEmbedder(session, tok, manifest, pool=run_pool(self.threads))
-            return LoadedModel(manifest, variant, session, embedder=embedder)
+            gpu = on_gpu()
+            session = build_session(graph, threads=self.threads if gpu else 1)
+            pool = None if gpu else run_pool(self.threads)
+            signature = graph_signature(session)
+            if manifest.task == "embedding":
+                embedder = TextEmbedder(session, tok, manifest, pool=pool)
+                return LoadedModel(
+                    manifest, variant, session, embedder=embedder, text=embedder.runner, signature=signature
+                )
+            width = len(manifest.labels) or manifest.output.dim or None
+            runner = TextRunner(session, tok, output=manifest.output.name or None, width=width, pool=pool)
+            return LoadedModel(manifest, variant, session, text=runner, signature=signature)
         session = build_session(graph, threads=self.threads)
-        from sif_inference.images import ImageClassifier
+        signature = graph_signature(session)
+        if manifest.task == "image-classification":
+            from sif_inference.images import ImageClassifier
 
-        return LoadedModel(manifest, variant, session, classifier=ImageClassifier(session, manifest))
+            classifier = ImageClassifier(session, manifest)
+            return LoadedModel(manifest, variant, session, classifier=classifier, signature=signature)
+        return LoadedModel(manifest, variant, session, signature=signature)  # tabular, tensor: the session is all

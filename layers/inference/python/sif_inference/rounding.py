@@ -1,13 +1,18 @@
-"""Numbers out: 7 significant digits (float32's precision) and compact JSON, the same for every caller."""
+"""Numbers out: 7 significant digits (float32's precision), float32 base64 and compact JSON, the same
+for every caller."""
 
 from __future__ import annotations
 
+import base64
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 DIGITS = 7  # float32 carries ~7.2 significant decimal digits: more would print noise
+# How a vector is written: JSON floats at DIGITS significant digits, or OpenAI's `encoding_format:
+# "base64"` (its float32 bytes, little-endian, base64: exact, and under half the size).
+Encoding = Literal["float", "base64"]
 
 
 def round_significant(values: np.ndarray, digits: int = DIGITS) -> np.ndarray:
@@ -58,3 +63,9 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 def compact_json(value: Any) -> str:
     """One value as JSON text without spaces (a predictions.jsonl line holds one per row)."""
     return _encode(value)
+
+
+def float32_base64(vector: np.ndarray) -> str:
+    """What the openai client decodes for `encoding_format: "base64"`: the vector's little-endian
+    float32 bytes, base64 (the API, files and jobs all write vectors so with this one function)."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")

@@ -1,46 +1,81 @@
 """Tasks: what a model does with raw inputs, written once for every caller (API, files, jobs, GPU worker).
 
-A task turns a chunk of raw inputs (texts; images as bytes, base64 text or {"b64": ...}; a file
-row's value) into a `TaskResult`: a prediction per good input, an error per bad one, what the call
-used and which texts were cut at the token limit. It owns decoding (one base64 decoder), limits
-(the manifest's), batch sizes (a `BatchProfile` per provider), rounding (7 significant digits) and
-the JSON text of a prediction, so callers differ only in what they do with the result.
+The pipeline every task shares (preprocess -> run -> postprocess, strict and per-row errors) is
+sif_inference.taskbase; this module holds the text and image tasks and the catalogue. A new task is
+a class plus one entry in `TASKS`.
 
-The shape is fastembed's: `predict` = `preprocess` (each input checked and made ready, `prepare`)
--> `run` (the session) -> `postprocess` (a prediction per row); a task overrides the steps that
-differ. A new task is a class here plus one entry in `TASKS`.
-
-Two error modes. `strict=True` (the API): the first bad input raises the core's own error,
-prefixed with its index (over a limit: InputLimitError; bad base64 or text: BadInputError; an
-image that does not decode: ImageDecodeError; an input of the wrong kind: WrongTaskError).
-Otherwise (files, jobs): it becomes that input's entry in `errors` and the others are scored.
+task                  model (manifest task)  input (file row field)            prediction (as JSON)
+embedding             embedding              a text (`text`)                   [float, ...]
+zero-shot             embedding              a text (`text`)                   {"label", "labels": [best 1st], "scores"}
+text-classification   text-classification    a text (`text`)                   {"label", "labels": [best 1st], "scores"}
+image-classification  image-classification   an image (`b64`)                  {label: score, ...}
+tabular               tabular                {feature: value} (`features`)     {"label", "probabilities": {label: p}}
+tensor                any model              {input: nested list} (`inputs`)   {output: nested list, ...}
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from sif_inference.b64 import decode_b64
 from sif_inference.batching import iter_batch
-from sif_inference.embedder import MAX_BATCH_ITEMS
 from sif_inference.errors import BadInputError, ImageDecodeError, InferenceError, InputLimitError, WrongTaskError
 from sif_inference.manifest import ModelManifest
-from sif_inference.rounding import compact_json, format_vectors, round_significant
+from sif_inference.rounding import float32_base64, format_vectors, round_significant
+from sif_inference.scores import activate, classification, ranked, scores_by_label
+from sif_inference.tabular import TabularTask
+from sif_inference.taskbase import (
+    CUDA,
+    FIELDS,
+    BatchProfile,
+    Field,
+    Prepared,
+    RawOutput,
+    Task,
+    TaskResult,
+    kind_of,
+)
+from sif_inference.tensors import TensorTask, run_tensors
+from sif_inference.text import MAX_BATCH_ITEMS, TextRows
 
 if TYPE_CHECKING:
     from sif_inference.embedder import TextEmbedder
     from sif_inference.images import ImageClassifier
     from sif_inference.registry import LoadedModel
+    from sif_inference.text import TextRunner
 
-Field = Literal["text", "b64"]
+__all__ = [
+    "CUDA",
+    "FIELDS",
+    "IMAGE",
+    "TASKS",
+    "TEXT_CPU",
+    "TEXT_GPU",
+    "BatchProfile",
+    "Field",
+    "ImageClassification",
+    "LabelCache",
+    "Prepared",
+    "RawOutput",
+    "TabularTask",
+    "Task",
+    "TaskResult",
+    "TensorTask",
+    "TextClassification",
+    "TextEmbedding",
+    "TextTask",
+    "ZeroShot",
+    "run_tensors",
+    "task_class",
+    "task_for",
+]
 
 # Cosine similarities of normalised sentence embeddings sit in a narrow band; a temperature of
 # 0.05 (as in contrastive training of such models) turns them into usable label probabilities.
@@ -51,18 +86,6 @@ MAX_LABELS = 64
 MAX_LABEL_CHARS = 100
 MAX_TEMPLATE_CHARS = 500
 LABEL_CACHE_SIZE = 4096
-CUDA = "CUDAExecutionProvider"
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """How a task cuts its work; one per provider (a GPU wants wide tensors and has the memory)."""
-
-    window_rows: int  # file rows scored together (the file scorer reads this many at a time)
-    max_items: int  # inputs per session run
-    max_tokens: int = 0  # padded tokens per session run (text): onnxruntime's peak memory follows it
-    call_chars: int = 0  # characters per tokenizer call (text): bounds the tokenizer's memory
-
 
 # For 256-token rows onnxruntime peaks at ~170 MB with 2,048 tokens a run, ~560 MB at 8,192, at the
 # same speed on CPU; the GPU sizes are the GPU worker's measured ones.
@@ -71,126 +94,8 @@ TEXT_GPU = BatchProfile(window_rows=4096, max_items=256, max_tokens=256 * 128, c
 IMAGE = BatchProfile(window_rows=32, max_items=16)
 
 
-@dataclass
-class TaskResult:
-    """What a chunk of inputs gave: predictions and errors by input index, and what it used."""
-
-    predictions: dict[int, Any] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-    tokens: int = 0
-    pixels: int = 0
-    truncated: list[int] = field(default_factory=list)  # indices of texts cut at the token limit
-
-    @property
-    def inputs(self) -> int:
-        """Inputs that were scored (what is billed per input)."""
-        return len(self.predictions)
-
-
-@dataclass
-class Prepared:
-    """`preprocess`'s output: the good inputs made ready for the session, and the others' errors."""
-
-    index: list[int] = field(default_factory=list)
-    items: list[Any] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)
-
-
-@dataclass
-class RawOutput:
-    """`run`'s output: one row per prepared item, and what the run used."""
-
-    values: np.ndarray
-    tokens: int = 0
-    pixels: int = 0
-    truncated: list[bool] = field(default_factory=list)
-
-
-class Task(ABC):
-    """preprocess -> run -> postprocess over a loaded model; subclasses override what differs."""
-
-    name: ClassVar[str]
-    model_task: ClassVar[str]  # the manifest task a model needs to do this task
-    field: ClassVar[Field]  # the row field files carry this task's inputs in
-    cpu_profile: ClassVar[BatchProfile]
-    gpu_profile: ClassVar[BatchProfile]
-
-    def __init__(self, model: LoadedModel, *, profile: BatchProfile | None = None) -> None:
-        self.model = model
-        self.manifest: ModelManifest = model.manifest
-        self.variant = model.variant
-        self.provider = model.session.get_providers()[0]
-        self.profile = profile or (self.gpu_profile if self.provider == CUDA else self.cpu_profile)
-
-    # ------------------------------------------------------------------ the pipeline
-    def predict(self, inputs: Sequence[Any], *, strict: bool = False) -> TaskResult:
-        """Score `inputs`; `strict` raises on the first bad one, else it becomes that input's error."""
-        if strict:
-            self.check_count(len(inputs))
-        prepared = self.preprocess(inputs, strict=strict)
-        return self.postprocess(prepared, self.run(prepared.items))
-
-    def check_count(self, count: int) -> None:
-        cap = self.manifest.limits.max_inputs
-        if count > cap:
-            raise InputLimitError(f"{count} inputs; {self.manifest.name} takes at most {cap} per call")
-
-    def preprocess(self, inputs: Sequence[Any], *, strict: bool = False) -> Prepared:
-        prepared = Prepared()
-        for i, raw in enumerate(inputs):
-            try:
-                item = self.prepare(raw)
-            except InferenceError as exc:
-                if strict:
-                    raise type(exc)(f"input {i}: {exc}") from exc
-                prepared.errors[i] = str(exc)
-                continue
-            prepared.index.append(i)
-            prepared.items.append(item)
-        return prepared
-
-    @abstractmethod
-    def prepare(self, raw: Any) -> Any:
-        """One raw input, checked and ready for `run`; raises an InferenceError if it cannot be."""
-
-    @abstractmethod
-    def run(self, items: list[Any]) -> RawOutput: ...
-
-    def postprocess(self, prepared: Prepared, output: RawOutput) -> TaskResult:
-        cut = output.truncated or [False] * len(prepared.index)
-        return TaskResult(
-            predictions={i: self.prediction(output.values[k]) for k, i in enumerate(prepared.index)},
-            errors=prepared.errors,
-            tokens=output.tokens,
-            pixels=output.pixels,
-            truncated=[i for i, was_cut in zip(prepared.index, cut, strict=True) if was_cut],
-        )
-
-    def prediction(self, row: np.ndarray) -> Any:
-        """One output row as this task's prediction (default: the row itself)."""
-        return row
-
-    # ------------------------------------------------------------------ numbers out
-    def to_json(self, prediction: Any) -> Any:
-        """A prediction as JSON-able values, floats at 7 significant digits (what the API returns)."""
-        return prediction
-
-    def dumps(self, prediction: Any) -> str:
-        """A prediction as compact JSON text (what files and jobs write per line)."""
-        return compact_json(self.to_json(prediction))
-
-    def dumps_all(self, predictions: dict[int, Any]) -> dict[int, str]:
-        return {i: self.dumps(p) for i, p in predictions.items()}
-
-
 # ---------------------------------------------------------------------- text
 _WORDS = re.compile(r"\S+")
-
-
-def _kind(raw: Any) -> str:
-    if isinstance(raw, dict):
-        return "images" if "b64" in raw else "texts" if "text" in raw else "an object without text or b64"
-    return "texts" if isinstance(raw, str) else type(raw).__name__
 
 
 def _call_spans(texts: list[str], budget: int) -> Iterator[tuple[int, int]]:
@@ -206,7 +111,7 @@ def _call_spans(texts: list[str], budget: int) -> Iterator[tuple[int, int]]:
 
 
 class TextTask(Task):
-    """Tasks over a text embedding model: texts are checked, clipped and embedded the same way for all."""
+    """Tasks over a text model: texts are checked, clipped and run the same way for all (TextRunner)."""
 
     model_task = "embedding"
     field = "text"
@@ -215,16 +120,16 @@ class TextTask(Task):
 
     def __init__(self, model: LoadedModel, *, profile: BatchProfile | None = None) -> None:
         super().__init__(model, profile=profile)
-        if model.embedder is None:
+        if model.text is None:
             raise WrongTaskError(f"model {self.manifest.name!r} does {self.manifest.task}, not {self.name}")
-        self.embedder: TextEmbedder = model.embedder
-        self.max_text_tokens = self.embedder.tokenizer.max_length
+        self.runner: TextRunner = model.text
+        self.max_text_tokens = self.runner.tokenizer.max_length
         self.cut_chars = 32 * self.max_text_tokens
 
     def prepare(self, raw: Any) -> str:
         text = raw.get("text") if isinstance(raw, dict) else raw
         if not isinstance(text, str):
-            raise WrongTaskError(f"model {self.manifest.name!r} takes texts (strings), not {_kind(raw)}")
+            raise WrongTaskError(f"model {self.manifest.name!r} takes texts (strings), not {kind_of(raw)}")
         if not text:  # one rule for every path: the file reader refuses an empty field the same way
             raise BadInputError("text is empty")
         limit = self.manifest.limits.max_text_chars
@@ -254,25 +159,43 @@ class TextTask(Task):
             return text[:cut]
         return text
 
-    def embed(self, texts: list[str]) -> RawOutput:
-        """Vectors of `texts` in calls of at most `call_chars` characters, micro-batched by the profile."""
-        vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
+    def text_rows(self, texts: list[str], *, max_items: int, max_tokens: int) -> TextRows:
+        """The model's rows for one tokenizer call's worth of texts."""
+        return self.runner.run(texts, max_items=max_items, max_tokens=max_tokens)
+
+    def run_texts(self, texts: list[str]) -> RawOutput:
+        """Rows of `texts` in calls of at most `call_chars` characters, micro-batched by the profile."""
+        parts: list[np.ndarray] = []
         tokens = 0
         truncated: list[bool] = []
         for start, end in _call_spans(texts, self.profile.call_chars or 1 << 62):
-            result = self.embedder.embed(
+            result = self.text_rows(
                 texts[start:end], max_items=self.profile.max_items, max_tokens=self.profile.max_tokens
             )
-            vectors[start:end] = result.vectors
+            parts.append(result.values)
             tokens += result.total_tokens
             truncated += result.truncated
-        return RawOutput(vectors, tokens=tokens, truncated=truncated)
+        values = np.concatenate(parts) if parts else self.text_rows([], max_items=1, max_tokens=1).values
+        return RawOutput(values, tokens=tokens, truncated=truncated)
 
     def run(self, items: list[Any]) -> RawOutput:
-        return self.embed(items)
+        return self.run_texts(items)
 
 
-class TextEmbedding(TextTask):
+class EmbeddingModelTask(TextTask):
+    """Tasks over a text embedding model (embeddings, zero-shot): texts through its TextEmbedder."""
+
+    def __init__(self, model: LoadedModel, *, profile: BatchProfile | None = None) -> None:
+        super().__init__(model, profile=profile)
+        if model.embedder is None:
+            raise WrongTaskError(f"model {self.manifest.name!r} does {self.manifest.task}, not {self.name}")
+        self.embedder: TextEmbedder = model.embedder
+
+    def text_rows(self, texts: list[str], *, max_items: int, max_tokens: int) -> TextRows:
+        return self.embedder.embed(texts, max_items=max_items, max_tokens=max_tokens)
+
+
+class TextEmbedding(EmbeddingModelTask):
     """A vector per text: the raw float32 row is the prediction; JSON rounds it to 7 significant digits."""
 
     name = "embedding"
@@ -288,6 +211,41 @@ class TextEmbedding(TextTask):
             return {}
         return dict(zip(predictions, format_vectors(np.stack(list(predictions.values()))), strict=True))
 
+    def dumps_base64(self, predictions: dict[int, Any]) -> dict[int, str]:
+        """Each vector as a JSON string of its float32 bytes, base64 (`encoding_format: "base64"`, as the
+        OpenAI API and POST /v1/embeddings write it): exact, and under half the size of dumps_all."""
+        return {i: '"' + float32_base64(p) + '"' for i, p in predictions.items()}
+
+
+class TextClassification(TextTask):
+    """Labels of a text classifier (a tokenizer and a graph giving one score per label), best first.
+
+    The graph's values go through `classification.activation` (softmax: single label; sigmoid:
+    independent labels; none: as given) and `top_k` labels are kept (default: all): the same
+    prediction as zero-shot's."""
+
+    name = "text-classification"
+    model_task = "text-classification"
+
+    def __init__(self, model: LoadedModel, *, profile: BatchProfile | None = None) -> None:
+        super().__init__(model, profile=profile)
+        self.cfg = classification(self.manifest)
+        width = self.runner.width or self.manifest.output.dim
+        self.labels = list(self.manifest.labels) or [str(i) for i in range(width)]
+        if not self.labels:
+            raise InferenceError(f"model {self.manifest.name!r}: a text classifier needs its labels in the manifest")
+        if self.runner.width and self.runner.width != len(self.labels):
+            raise InferenceError(
+                f"model {self.manifest.name!r} has {len(self.labels)} labels and {self.runner.width} scores per text"
+            )
+
+    def run(self, items: list[Any]) -> RawOutput:
+        output = self.run_texts(items)
+        return replace(output, values=activate(output.values, self.cfg.activation))
+
+    def prediction(self, row: np.ndarray) -> dict[str, Any]:
+        return ranked(row, self.labels, self.cfg.top_k)
+
 
 class LabelCache:
     """Label embeddings per model variant and phrasing: zero-shot calls repeat the same labels."""
@@ -297,7 +255,7 @@ class LabelCache:
         self._items: OrderedDict[tuple[str, str, str, str], tuple[np.ndarray, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def embed(self, task: TextTask, phrases: list[str]) -> tuple[np.ndarray, int]:
+    def embed(self, task: EmbeddingModelTask, phrases: list[str]) -> tuple[np.ndarray, int]:
         """Vectors of `phrases` and the tokens they cost (billed whether cached or not)."""
         model = (task.manifest.name, task.manifest.version, task.variant)
         with self._lock:
@@ -319,7 +277,7 @@ class LabelCache:
 LABEL_CACHE = LabelCache()
 
 
-class ZeroShot(TextTask):
+class ZeroShot(EmbeddingModelTask):
     """Zero-shot classification with the embedding model: softmax over text-label cosines, best first."""
 
     name = "zero-shot"
@@ -354,7 +312,7 @@ class ZeroShot(TextTask):
         self.cache = cache or LABEL_CACHE
 
     def run(self, items: list[Any]) -> RawOutput:
-        texts = self.embed(items)
+        texts = self.run_texts(items)
         if not items:
             return RawOutput(np.zeros((0, len(self.labels)), dtype=np.float32))
         phrases = [self.template.replace("{}", label) for label in self.labels]
@@ -365,9 +323,7 @@ class ZeroShot(TextTask):
         return RawOutput(probs.astype(np.float32), tokens=texts.tokens + label_tokens, truncated=texts.truncated)
 
     def prediction(self, row: np.ndarray) -> dict[str, Any]:
-        order = np.argsort(-row, kind="stable")
-        labels = [self.labels[j] for j in order]
-        return {"label": labels[0], "labels": labels, "scores": round_significant(row[order]).tolist()}
+        return ranked(row, self.labels)
 
 
 # ---------------------------------------------------------------------- images
@@ -377,7 +333,10 @@ class PreparedImage(NamedTuple):
 
 
 class ImageClassification(Task):
-    """Scores per label for each image; an image that does not decode fails only itself."""
+    """Scores per label for each image; an image that does not decode fails only itself.
+
+    The prediction is `{label: score}`: every label in the manifest's order, or, when the manifest
+    sets `classification.top_k`, the k best, best first (the API adds the best label)."""
 
     name = "image-classification"
     model_task = "image-classification"
@@ -391,6 +350,7 @@ class ImageClassification(Task):
             raise WrongTaskError(f"model {self.manifest.name!r} does {self.manifest.task}, not {self.name}")
         self.classifier: ImageClassifier = model.classifier
         self.labels = self.classifier.labels or [str(i) for i in range(self.manifest.output.dim)]
+        self.top_k = classification(self.manifest).top_k
 
     def prepare(self, raw: Any) -> PreparedImage:
         if isinstance(raw, bytes | bytearray | memoryview):
@@ -399,7 +359,7 @@ class ImageClassification(Task):
             b64 = raw.get("b64") if isinstance(raw, dict) else raw
             if not isinstance(b64, str):
                 raise WrongTaskError(
-                    f'model {self.manifest.name!r} takes images (bytes, base64 or {{"b64": ...}}), not {_kind(raw)}'
+                    f'model {self.manifest.name!r} takes images (bytes, base64 or {{"b64": ...}}), not {kind_of(raw)}'
                 )
             data = decode_b64(b64)
         try:  # one image decoded at a time, at the size the model needs, and freed once it is an input
@@ -417,26 +377,31 @@ class ImageClassification(Task):
         return RawOutput(values, pixels=sum(i.pixels for i in items))
 
     def prediction(self, row: np.ndarray) -> dict[str, float]:
-        return dict(zip(self.labels, round_significant(row).tolist(), strict=True))
+        return scores_by_label(row, self.labels, self.top_k)
 
 
 # ---------------------------------------------------------------------- the catalogue
 TASKS: dict[str, type[Task]] = {
     "embedding": TextEmbedding,
     "zero-shot": ZeroShot,
+    "text-classification": TextClassification,
     "image-classification": ImageClassification,
+    "tabular": TabularTask,
+    "tensor": TensorTask,
 }
 
 
 def task_class(manifest: ModelManifest, kind: str | None = None, *, labels: Sequence[str] | None = None) -> type[Task]:
     """Which task a call means: `kind`, else zero-shot when labels are given, else the model's own.
 
-    Raises WrongTaskError when the model cannot do it (checked on the manifest, before any loading)."""
+    Every model also does `tensor` (raw named tensors, as KServe v2 serves any model); an
+    embedding model also does `zero-shot`. Raises WrongTaskError when the model cannot do it
+    (checked on the manifest, before any loading)."""
     name = kind or ("zero-shot" if labels is not None else manifest.task)
     cls = TASKS.get(name)
     if cls is None:
         raise WrongTaskError(f"unknown task {name!r}; the tasks are {sorted(TASKS)}")
-    if cls.model_task != manifest.task:
+    if not cls.serves(manifest.task):
         raise WrongTaskError(f"model {manifest.name!r} does {manifest.task}, not {name}")
     if labels is not None and not issubclass(cls, ZeroShot):
         raise WrongTaskError(f"labels are for zero-shot classification; {name} takes none")
