@@ -58,6 +58,14 @@ class S3ModelSource:
             raise ModelNotFoundError(f"unknown model {name!r} version {version!r}") from exc
         return ModelManifest.model_validate(json.loads(obj["Body"].read()))
 
+    def published_at(self, name: str, version: str) -> int | None:
+        """When the version's manifest was uploaded (Unix seconds): a version is published with its manifest."""
+        try:
+            head = self.s3.head_object(Bucket=self.bucket, Key=f"{self.prefix}{name}/{version}/{MANIFEST_FILE}")
+        except self.s3.exceptions.ClientError:
+            return None
+        return int(head["LastModified"].timestamp())
+
     def read(self, name: str, version: str, filename: str) -> bytes:
         # One GET into memory: the registry hashes these bytes and builds the session from them.
         try:
@@ -70,4 +78,8 @@ class S3ModelSource:
 def registry_from_settings(settings: Settings) -> ModelRegistry:
     from sif_core.aws import client
 
-    return ModelRegistry(S3ModelSource(client("s3"), settings.models_bucket), settings.model_cache_dir)
+    return ModelRegistry(
+        S3ModelSource(client("s3"), settings.models_bucket),
+        settings.model_cache_dir,
+        index_ttl_s=settings.model_index_ttl_s,
+    )
