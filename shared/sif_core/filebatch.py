@@ -14,7 +14,11 @@ What makes a file a *batch* (the scoring, the record's life, metering and events
 - superseded: content put again under the key while a version is being scored stops that version
   at its next window (`runner.still_current`): its outputs are aborted and its reservation released,
   so only the newer upload's result is billed; its record (a direct drop's own) fails with reason
-  `superseded`.
+  `superseded`;
+- one model version: the key's model folder may be `name`, `name@version` or `name@alias`; the
+  version is resolved once (POST /v1/batches at creation, else on arrival, a canary alias picking by
+  the batch id) and pinned in the record's `details.version`, so every segment and a GPU hand-off
+  score with it, and the results manifest names it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sif_core import keys
+from sif_core import keys, openai_batch
 from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, metering_id
 from sif_core.routing import GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
 from sif_core.rows import FileFormatError, Format, detect_format
@@ -31,7 +35,7 @@ from sif_core.runner import DeadlineReached, Outcome, Work, WorkRunner, still_cu
 from sif_core.s3io import S3Object, SourceChangedError
 from sif_core.scoring import Deadline
 from sif_core.work import TERMINAL, WorkRecord
-from sif_inference.errors import ModelNotFoundError
+from sif_inference.errors import ModelNotFoundError, UnknownVariantError
 from sif_inference.manifest import ModelManifest
 from sif_metering.ledger import QuotaExceededError, TenantInactiveError
 
@@ -50,7 +54,7 @@ class InboxFile:
     etag: str
     size: int
     tenant: str
-    model: str
+    model: str  # the key's model folder: `name`, `name@version` or `name@alias`
     name: str  # below the model folder, extension included
     fmt: Format | None  # None: an extension we do not read
 
@@ -69,6 +73,11 @@ class InboxFile:
         )
 
     @property
+    def model_name(self) -> str:
+        """The model's name without its tag (what the record, the ledger and the usage carry)."""
+        return self.model.partition("@")[0]
+
+    @property
     def output_prefix(self) -> str:
         return keys.batch_results_prefix(self.tenant, self.model, self.name, self.etag)
 
@@ -76,7 +85,7 @@ class InboxFile:
     def batch_id(self) -> str:
         """The upload's name for files put through POST /v1/batches; else one id per object and content."""
         stem = self.name.split(".", 1)[0]
-        if keys.BATCH_ID.match(stem) and "/" not in self.name:
+        if (keys.BATCH_ID.match(stem) or keys.OPENAI_BATCH_ID.match(stem)) and "/" not in self.name:
             return stem
         return keys.dropped_batch_id(self.bucket, self.key, self.etag)
 
@@ -104,7 +113,7 @@ class FileBatches:
             id=file.batch_id,
             kind="batch",
             tenant=file.tenant,
-            model=file.model,
+            model=file.model_name,
             input_key=file.key,
             output_prefix=file.output_prefix,
             details={"etag": file.etag, "input": file.describe(), "origin": "inbox"},
@@ -145,8 +154,30 @@ class FileBatches:
             output_prefix=file.output_prefix,
             metering_id=file.metering_id,
             variant=record.details.get("variant"),
+            version=record.details.get("version"),
             describe={**file.describe(), "batch_id": file.batch_id},
+            encoding="base64" if record.details.get("encoding_format") == "base64" else "float",
+            protocol="openai" if record.details.get("origin") == openai_batch.ORIGIN else "sif",
         )
+
+    def pin(self, file: InboxFile, record: WorkRecord) -> ModelManifest:
+        """The version the batch scores with: pinned already (at creation or a first arrival), else what
+        the key's model reference means now for this batch, pinned in the record.
+
+        ModelNotFoundError: unknown (or another tenant's private model); UnknownVariantError: no such variant."""
+        pinned = record.details.get("version")
+        if pinned:
+            manifest = self.s.models.manifest(file.model_name, str(pinned))
+            if not manifest.visible_to(file.tenant):
+                raise ModelNotFoundError(f"unknown model {file.model_name!r}")
+        else:
+            manifest = self.s.models.resolve(file.model, routing_key=file.batch_id, tenant=file.tenant)
+        variant = record.details.get("variant") or manifest.default_variant
+        manifest.variant_file(variant)
+        if record.details.get("version") != manifest.version or record.details.get("variant") != variant:
+            record.details.update(version=manifest.version, variant=variant)
+            self.lc.update(record, details=record.details)
+        return manifest
 
     # ------------------------------------------------------------ arrival
     def _finished(self, file: InboxFile, record: WorkRecord) -> bool:
@@ -163,12 +194,14 @@ class FileBatches:
             rows = estimate_rows(source, file.fmt)
         except FileFormatError as exc:
             return self.runner.fail(work, exc, reason="bad_file")
+        what, about = "rows", "" if file.size <= 4 << 20 else "about "
+        if work.protocol == "openai":  # the quota's unit is the input: the texts the API counted in the requests
+            rows, what, about = int(record.details.get("units") or rows), "texts", ""
         limit = manifest.limits.max_batch_rows
         if rows > limit:
-            about = "" if file.size <= 4 << 20 else "about "
             return self.runner.fail(
                 work,
-                f"the file has {about}{rows} rows; {manifest.name} takes at most {limit} per file",
+                f"the file has {about}{rows} {what}; {manifest.name} takes at most {limit} per file",
                 reason="too_large",
             )
         try:
@@ -204,9 +237,12 @@ class FileBatches:
                 bad, f"unsupported file {name!r}: expected .jsonl or .csv, optionally .gz", reason="bad_file"
             )
         try:
-            manifest = self.s.models.manifest(file.model)
+            manifest = self.pin(file, record)
         except ModelNotFoundError as exc:
             return self.runner.fail(work, exc, reason="unknown_model")
+        except UnknownVariantError as exc:
+            return self.runner.fail(work, exc, reason="unknown_variant")
+        work = self.work(file, record)  # with the pinned version
         try:
             if record.details.get("routed") != file.etag:
                 accepted = self.accept(file, record, manifest)
@@ -257,7 +293,8 @@ class FileBatches:
             kind="batch",
             id=file.batch_id,
             tenant=file.tenant,
-            model=file.model,
+            model=file.model_name,
+            model_version=record.details.get("version"),
             variant=record.details.get("variant"),
             input_uri=file.uri,
             input_format=file.fmt,

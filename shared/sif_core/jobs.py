@@ -18,6 +18,11 @@ at all can only go there.
 A job id is one job: a message reusing an id for different content (`JobMessage.content_hash`,
 kept in the record's `details.content`) is refused as a conflict (`conflict`): logged and counted
 in the job's `details.conflicts`, the job itself left as it is.
+
+A job runs one model version from its first row to its last: `model` may be `name`, `name@version`
+or `name@alias`, resolved once when the job is accepted (by the API, else on its first receive, a
+canary alias picking by the job id) and pinned in the message's `model_version` and the record's
+`details.version`, which every later receive, segment and GPU hand-off reads.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from sif_core import keys
 from sif_core.callbacks import check_callback_url
 from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, WorkFailedError, metering_id, short_error
 from sif_core.routing import Accelerator, GpuJobSpec, Route, choose_route, estimate_rows, submit_gpu_job
-from sif_core.rows import ByteSource, BytesSource, FileFormatError, Format, detect_format
+from sif_core.rows import OBJECT_FIELDS, ByteSource, BytesSource, FileFormatError, Format, detect_format
 from sif_core.runner import DeadlineReached, OnError, Outcome, Work, WorkRunner
 from sif_core.s3io import S3Object, SourceChangedError
 from sif_core.scoring import Deadline
 from sif_core.work import TERMINAL, WorkRecord
-from sif_inference.errors import ModelNotFoundError
-from sif_inference.manifest import ModelManifest
+from sif_inference.errors import ModelNotFoundError, UnknownVariantError
+from sif_inference.manifest import VERSION_PATTERN, ModelManifest
+from sif_inference.rounding import Encoding
+from sif_inference.tasks import task_class
 from sif_metering.ledger import QuotaExceededError, TenantInactiveError
 
 log = logging.getLogger("sif.jobs")
@@ -51,6 +58,13 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 CONTENT_FIELDS = ("model", "variant", "input", "on_error", "accelerator", "callback_url")
 INVALID_MESSAGE = "invalid_message"
 MAX_INLINE_MESSAGE_BYTES = 240 * 1024  # SQS takes 256 KiB; bigger instance lists are staged in S3
+# `name`, `name@version` or `name@alias` (the registry checks the parts)
+MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9_-]{1,63})?$"
+
+
+def model_name(ref: str) -> str:
+    """The model's name in a reference (`name@tag` -> `name`): what keys and the usage ledger use."""
+    return ref.partition("@")[0]
 
 
 class JobInputError(WorkFailedError):
@@ -83,7 +97,10 @@ class JobMessage(BaseModel):
     version: Literal[1] = 1
     id: str = Field(pattern=ID_PATTERN, description="job id; POST /v1/jobs makes j_<hex>")
     tenant: str = Field(pattern=ID_PATTERN, description="the owning tenant's id")
-    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    model: str = Field(pattern=MODEL_REF_PATTERN, description="`name`, `name@version` or `name@alias`")
+    model_version: str | None = Field(
+        default=None, pattern=VERSION_PATTERN, description="the version pinned at acceptance (the API sets it)"
+    )
     input: JobInput
     accelerator: Accelerator = "auto"
     route: Route | None = Field(default=None, description="decided by the API; the worker routes when absent")
@@ -92,6 +109,9 @@ class JobMessage(BaseModel):
         default="continue", description='"fail": all-or-nothing; else bad rows go to errors.jsonl'
     )
     callback_url: str | None = Field(default=None, max_length=2048)
+    encoding_format: Encoding = Field(
+        default="float", description='embeddings only: "base64" writes each vector as OpenAI does (float32, base64)'
+    )
     submitted_at: float | None = None
 
     @field_validator("callback_url")
@@ -106,6 +126,10 @@ class JobMessage(BaseModel):
     def content_hash(self) -> str:
         """sha256 of what the job is (CONTENT_FIELDS): the same for every delivery of one message."""
         content = self.model_dump(mode="json", include=set(CONTENT_FIELDS))
+        if self.model_version is not None:  # only when pinned: the hash of a message without one is unchanged
+            content["model_version"] = self.model_version
+        if self.encoding_format != "float":  # likewise: only when asked for
+            content["encoding_format"] = self.encoding_format
         return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -141,34 +165,54 @@ def describe_error(error: str | BaseException) -> str:
 
 
 def instances_jsonl(instances: list[Any]) -> bytes:
-    """Inline instances as the JSONL file they describe: `{"id": index, "text"}` or `{"id": index, "b64"}`."""
+    """Inline instances as the JSONL file they describe: `{"id": index, <field>: value}` (a string is
+    a text; an object is a row carrying its task's field, as `check_instances` makes it)."""
     lines = []
     for i, value in enumerate(instances):
         row: dict[str, Any] = (
             {"text": value} if isinstance(value, str) else dict(value) if isinstance(value, dict) else {}
         )
         if not row:
-            row = {"value": value}  # neither a text nor an image: the row fails with the reason
+            row = {"value": value}  # neither a text nor an object: the row fails with the reason
         lines.append(json.dumps({"id": i, **{k: v for k, v in row.items() if k != "id"}}, ensure_ascii=False))
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def check_instances(manifest: ModelManifest, instances: list[Any]) -> None:
-    """What the API refuses at the door (422): too many, or instances of the wrong kind for the task."""
+_EXPECTED = {
+    "text": 'a string (or a row with "text")',
+    "b64": '{"b64": "..."}',
+    "features": 'an object of named features (or {"features": {...}})',
+    "inputs": 'an object of named tensors (or {"inputs": {...}})',
+}
+
+
+def check_instances(manifest: ModelManifest, instances: list[Any]) -> list[dict[str, Any]]:
+    """What the API refuses at the door (422): too many, or instances of the wrong kind for the model's
+    task. Returns them as rows carrying the task's field (`text`, `b64`, `features`, `inputs`): a
+    tabular or tensor instance may be the bare object of features / tensors, as predict takes it."""
     limit = manifest.limits.max_batch_rows
     if len(instances) > limit:
         raise JobInputError(f"instances: {len(instances)}; {manifest.name} takes at most {limit}")
-    text = manifest.task == "embedding"
+    field = task_class(manifest).field
+    rows: list[dict[str, Any]] = []
     for i, value in enumerate(instances):
-        if text and not (isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("text"), str))):
-            raise JobInputError(f'instances[{i}]: expected a string (or a row with "text")')
-        if not text and not (isinstance(value, dict) and isinstance(value.get("b64"), str)):
-            raise JobInputError(f'instances[{i}]: expected {{"b64": "..."}}')
-        field = value if isinstance(value, str) else value.get("text" if text else "b64")
-        try:
-            field.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise JobInputError(f"instances[{i}]: text is not valid Unicode (a lone surrogate at {exc.start})") from exc
+        if field == "text" and isinstance(value, str):
+            value = {"text": value}
+        elif field in OBJECT_FIELDS and isinstance(value, dict) and field not in value:
+            value = {field: value}
+        carried = value.get(field) if isinstance(value, dict) else None
+        wanted = dict if field in OBJECT_FIELDS else str
+        if not isinstance(carried, wanted):
+            raise JobInputError(f"instances[{i}]: expected {_EXPECTED[field]}")
+        if isinstance(carried, str):
+            try:
+                carried.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise JobInputError(
+                    f"instances[{i}]: text is not valid Unicode (a lone surrogate at {exc.start})"
+                ) from exc
+        rows.append(value)
+    return rows
 
 
 def check_input_uri(uri: str, tenant: str, *, inbox_bucket: str, results_bucket: str) -> tuple[str, str]:
@@ -198,17 +242,24 @@ class Jobs:
             uri, rows = job.input.s3_uri, len(job.input.instances or [])
         else:
             uri, rows = job.input_uri, len(job.instances or [])
+        details: dict[str, Any] = {"source": "queue"}
+        if isinstance(job, JobMessage):
+            details["content"] = job.content_hash()
+            if job.encoding_format != "float":  # kept for a GPU hand-off, whose spec does not carry it
+                details["encoding_format"] = job.encoding_format
+        if job.model_version is not None:
+            details.update(version=job.model_version, variant=job.variant)
         return self.lc.ensure(
             WorkRecord(
                 id=job.id,
                 kind="job",
                 tenant=job.tenant,
-                model=job.model,
+                model=model_name(job.model),
                 route=route,
                 input_key=uri,
                 callback_url=job.callback_url,
                 rows=rows,
-                details={"source": "queue", **({"content": job.content_hash()} if isinstance(job, JobMessage) else {})},
+                details=details,
             )
         )
 
@@ -239,19 +290,43 @@ class Jobs:
         if isinstance(job, JobMessage):
             source, fmt, describe = self.source(job.tenant, job.input.instances, job.input.s3_uri)
             on_error: OnError = job.on_error
+            encoding: Encoding = job.encoding_format
         else:
             source, fmt, describe = self.source(job.tenant, job.instances, job.input_uri)
             on_error = job.on_error
+            encoding = "base64" if record.details.get("encoding_format") == "base64" else "float"
         return Work(
             record=record,
             source=source,
             fmt=fmt,
-            output_prefix=keys.job_results_prefix(job.tenant, job.model, job.id),
+            output_prefix=keys.job_results_prefix(job.tenant, model_name(job.model), job.id),
             metering_id=metering_id("job", job.id),
-            variant=job.variant,
+            variant=record.details.get("variant") or job.variant,
+            version=record.details.get("version") or job.model_version,
             on_error=on_error,
             describe=describe,
+            encoding=encoding,
         )
+
+    def pin(self, job: JobMessage, record: WorkRecord) -> ModelManifest:
+        """The version the job runs: the one pinned at acceptance, else what its model reference means
+        now for this job (a canary picks by the job id), pinned in the record for every later receive.
+
+        ModelNotFoundError: unknown (or another tenant's private model); UnknownVariantError: no such variant."""
+        name = model_name(job.model)
+        pinned = record.details.get("version") or job.model_version
+        if pinned:
+            manifest = self.s.models.manifest(name, str(pinned))
+            if not manifest.visible_to(job.tenant):
+                raise ModelNotFoundError(f"unknown model {name!r}")
+        else:
+            manifest = self.s.models.resolve(job.model, routing_key=job.id, tenant=job.tenant)
+        variant = record.details.get("variant") or job.variant or manifest.default_variant
+        manifest.variant_file(variant)
+        if record.details.get("version") != manifest.version or record.details.get("variant") != variant:
+            record.details.update(version=manifest.version, variant=variant)
+            self.lc.update(record, details=record.details)
+        return manifest
 
     def route_for(self, job: JobMessage, manifest: ModelManifest, rows: int) -> Route:
         return job.route or choose_route(manifest, rows, job.accelerator)
@@ -273,11 +348,13 @@ class Jobs:
             log.info("job %s already %s; nothing to do", job.id, record.status)
             return Outcome("skipped", job.id, record.route, reason=f"already {record.status}")
         try:
-            manifest = self.s.models.manifest(job.model)
+            manifest = self.pin(job, record)
             work = self.work(job, record)
             rows = len(job.input.instances) if job.input.instances is not None else estimate_rows(work.source, work.fmt)
         except ModelNotFoundError as exc:
             return self._fail(job, record, exc, "unknown_model")
+        except UnknownVariantError as exc:
+            return self._fail(job, record, exc, "unknown_variant")
         except WorkFailedError as exc:
             return self._fail(job, record, exc, exc.reason or "bad_input")
         except FileFormatError as exc:
@@ -287,7 +364,7 @@ class Jobs:
         limit = manifest.limits.max_batch_rows
         if rows > limit:
             return self._fail(
-                job, record, f"the input has about {rows} rows; {job.model} takes at most {limit}", "too_large"
+                job, record, f"the input has about {rows} rows; {manifest.name} takes at most {limit}", "too_large"
             )
         if "reserved" not in record.details:  # a job put straight on the queue: reserved here, not by the API
             try:
@@ -331,11 +408,12 @@ class Jobs:
             kind="job",
             id=job.id,
             tenant=job.tenant,
-            model=job.model,
-            variant=job.variant,
+            model=model_name(job.model),
+            model_version=record.details.get("version") or job.model_version,
+            variant=record.details.get("variant") or job.variant,
             instances=job.input.instances,
             input_uri=job.input.s3_uri,
-            output_prefix=keys.job_results_prefix(job.tenant, job.model, job.id),
+            output_prefix=keys.job_results_prefix(job.tenant, model_name(job.model), job.id),
             callback_url=job.callback_url,
             on_error=job.on_error,
             request_id=job.metering_id,
@@ -373,7 +451,7 @@ class Jobs:
             return None
         job_id, tenant = identity
         data = json.loads(body)
-        model = data.get("model") if isinstance(data.get("model"), str) else "unknown"
+        model = model_name(data["model"]) if isinstance(data.get("model"), str) else "unknown"
         content = body_hash(body)
         record = self.lc.ensure(
             WorkRecord(
@@ -413,7 +491,7 @@ class Jobs:
             record = self.record(job, job.route or "cpu")
         else:
             data = json.loads(body)
-            model = data.get("model") if isinstance(data.get("model"), str) else "unknown"
+            model = model_name(data["model"]) if isinstance(data.get("model"), str) else "unknown"
             record = self.lc.ensure(
                 WorkRecord(id=job_id, kind="job", tenant=tenant, model=model, details={"source": "queue"})
             )

@@ -1,7 +1,8 @@
 """Every S3 key the product writes or reads, built and parsed here and nowhere else.
 
 Inbox bucket (what tenants put in):
-    incoming/{tenant}/{model}/{name}          a file dropped for scoring (S3 notifies the inbox queue)
+    incoming/{tenant}/{model}/{name}          a file dropped for scoring (S3 notifies the inbox queue); {model}
+                                               is `name`, `name@version` or `name@alias`
     uploads/{tenant}/{name}                    an input kept for jobs (`s3_uri`); never notified, never scored as a drop
 
 Results bucket (what the product writes; never notified, so outputs cannot retrigger scoring):
@@ -13,6 +14,10 @@ Results bucket (what the product writes; never notified, so outputs cannot retri
     .../predictions.jsonl, errors.jsonl, manifest.json, _state/checkpoint.json.gz
     results/{tenant}/_inputs/{job id}.jsonl    instances too big for one SQS message, staged by the API
     results/{tenant}/_specs/{kind}-{id}.json   a GPU job's spec (the Batch job gets its URI)
+
+Inbox bucket, OpenAI Files (POST /v1/files; never notified, never scored by itself):
+    files/{tenant}/{file id}                   an uploaded file (`file-...`), its name and purpose in the
+                                               object's metadata; a batch made from it is staged under incoming/
 
 The tenant-prefix rule: a tenant reads and names only keys under its own `{prefix}/{tenant}/`; every
 segment that comes from a request is checked against `SEGMENT` before it becomes part of a key.
@@ -28,6 +33,7 @@ from urllib.parse import urlsplit
 
 INBOX_PREFIX = "incoming/"
 UPLOADS_PREFIX = "uploads/"
+FILES_PREFIX = "files/"
 RESULTS_PREFIX = "results/"
 SPECS_DIR = "_specs"
 INPUTS_DIR = "_inputs"
@@ -39,9 +45,13 @@ OUTPUT_FILES: dict[str, str] = {
 }
 
 SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A dropped file's model folder: a plain name, optionally tagged with a version or an alias.
+MODEL_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9_-]{1,63})?$")
 ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 BATCH_ID = re.compile(r"^b_[0-9a-f]{20}$")
 JOB_ID = re.compile(r"^j_[0-9a-f]{20}$")
+OPENAI_BATCH_ID = re.compile(r"^batch_[0-9a-f]{20}$")  # a batch made from an uploaded file (OpenAI's Batch API)
+FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")  # an uploaded file: 12 hex of its creation ms, then 12 random
 _ETAG = re.compile(r"^[0-9A-Za-z-]{1,80}$")
 
 WorkKind = Literal["job", "batch"]
@@ -100,8 +110,8 @@ class InboxKey:
         if len(parts) < 3 or not all(parts):
             raise KeyFormatError(f"{key!r} is not {INBOX_PREFIX}{{tenant}}/{{model}}/{{name}}")
         tenant, model = parts[0], parts[1]
-        if not SEGMENT.match(tenant) or not SEGMENT.match(model):
-            raise KeyFormatError(f"{key!r}: tenant and model must be plain names")
+        if not SEGMENT.match(tenant) or not MODEL_SEGMENT.match(model):
+            raise KeyFormatError(f"{key!r}: tenant and model must be plain names (the model may be name@version)")
         if any(p in (".", "..") for p in parts[2:]):
             raise KeyFormatError(f"{key!r}: '.' and '..' are not file names")
         return cls(tenant, model, "/".join(parts[2:]))
@@ -167,6 +177,25 @@ def parse_spec_key(key: str) -> tuple[str, WorkKind, str] | None:
         return None
     kind: WorkKind = "job" if m["kind"] == "job" else "batch"
     return m["tenant"], kind, m["id"]
+
+
+# ---------------------------------------------------------------------- uploaded files (OpenAI Files)
+def files_prefix(tenant: str) -> str:
+    return f"{FILES_PREFIX}{_segment(tenant, 'tenant')}/"
+
+
+def file_key(tenant: str, file_id: str) -> str:
+    """Where an uploaded file lives in the inbox bucket (KeyFormatError for an id that is not one)."""
+    if not FILE_ID.match(file_id):
+        raise KeyFormatError(f"file id {file_id!r} is not a valid id")
+    return files_prefix(tenant) + file_id
+
+
+def file_id_of(key: str, tenant: str) -> str | None:
+    """The file id of a key `file_key` built for `tenant`, else None."""
+    prefix = files_prefix(tenant)
+    rest = key[len(prefix) :] if key.startswith(prefix) else ""
+    return rest if FILE_ID.match(rest) else None
 
 
 # ---------------------------------------------------------------------- ids

@@ -130,6 +130,7 @@ class GpuJobSpec(BaseModel):
     id: str = Field(min_length=1, max_length=128)
     tenant: str = Field(min_length=1, max_length=128)
     model: str = Field(min_length=1, max_length=128)
+    model_version: str | None = None  # pinned at acceptance: the whole job or file runs this one version
     variant: str | None = None
     instances: list[Any] | None = None
     input_uri: str | None = None

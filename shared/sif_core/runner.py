@@ -21,18 +21,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sif_core import openai_batch
 from sif_core.keys import OUTPUT_FILES, checkpoint_key, s3_uri
 from sif_core.lifecycle import QUOTA_EXCEEDED, TENANT_INACTIVE, Lifecycle, WorkFailedError, short_error
 from sif_core.rows import ByteSource, FileFormatError, Format
 from sif_core.s3io import S3CheckpointStore, S3Object, S3ResultSink, SourceChangedError
-from sif_core.scoring import Checkpoint, Deadline, Progress, ScoreConfig, file_model, score_file
+from sif_core.scoring import Checkpoint, Deadline, FileModel, Progress, ScoreConfig, file_model, score_file
 from sif_core.work import WorkRecord
 from sif_inference.errors import InferenceError
+from sif_inference.rounding import Encoding
 from sif_metering.ledger import QuotaExceededError, TenantInactiveError, Usage
 
 log = logging.getLogger("sif.runner")
 
 OnError = Literal["continue", "fail"]
+WorkProtocol = Literal["sif", "openai"]
 CANCEL_CHECK_EVERY_S = 2.0
 ROW_FAILED = "row_failed"
 
@@ -47,8 +50,11 @@ class Work:
     output_prefix: str
     metering_id: str
     variant: str | None = None
+    version: str | None = None  # pinned when the work was accepted, so all of it runs one version
     on_error: OnError = "continue"
     describe: dict[str, Any] = field(default_factory=dict)  # the input, as the manifest states it
+    encoding: Encoding = "float"  # how vectors are written: JSON floats, or float32 base64 (OpenAI's)
+    protocol: WorkProtocol = "sif"  # "openai": each row is a staged OpenAI Batch request (sif_core.openai_batch)
 
     @property
     def kind(self) -> str:
@@ -96,7 +102,7 @@ class _Gate:
             if self.lc.status(self.work.record) == "cancelled":
                 return "cancelled"
             still_current(self.work.source)
-        need = state.succeeded + rows
+        need = state.inputs + rows  # rows: the window's quota units (its texts)
         if self.lc.s.ledger is not None and need > self.reserved:
             more = max(need - self.reserved, self.reserved // 4, rows)
             try:
@@ -151,6 +157,8 @@ class WorkRunner:
                 "reason": reason,
                 "error": message,
                 "model": work.record.model,
+                "version": work.version,
+                "variant": work.variant,
                 "input": work.describe,
             }
         )
@@ -176,10 +184,10 @@ class WorkRunner:
             return self._cancelled_before_start(work)
         self.lc.running(record, route)
         try:
-            model = file_model(self.s.models, record.model, work.variant)
+            model = self._file_model(work)
         except InferenceError as exc:
             return self.fail(work, exc)
-        provider = self.s.models.get(record.model, work.variant).session.get_providers()[0]
+        provider = self.s.models.get(record.model, work.variant, version=work.version).session.get_providers()[0]
         meta = {"kind": work.kind, "id": record.id, "tenant": record.tenant, "route": route, "provider": provider}
         meta.update(work.describe)
 
@@ -219,7 +227,7 @@ class WorkRunner:
             tenant=record.tenant,
             model=record.model,
             request_id=work.metering_id,
-            inputs=state.succeeded,
+            inputs=state.inputs,
             tokens=state.tokens,
             pixels=state.pixels,
             compute_ms=int(state.compute_ms),
@@ -259,6 +267,7 @@ class WorkRunner:
                 "tokens": state.tokens,
                 "truncated": state.truncated,
                 "segments": state.segment + 1,
+                "inputs": state.inputs,
                 "manifest": s3_uri(self.s.settings.results_bucket, work.output_prefix + OUTPUT_FILES["manifest"]),
                 "duration_s": (summary.manifest or {}).get("duration_s"),
             }
@@ -267,9 +276,20 @@ class WorkRunner:
         log.info("%s %s: %s (%d rows, %d failed)", work.kind, record.id, outcome.status, state.rows, state.failed)
         return outcome
 
+    def _file_model(self, work: Work) -> FileModel:
+        record = work.record
+        if work.protocol == "openai":
+            return openai_batch.file_model(self.s.models, record.id, record.model, work.variant, version=work.version)
+        return file_model(self.s.models, record.model, work.variant, version=work.version, encoding=work.encoding)
+
     def _cancelled_before_start(self, work: Work) -> Outcome:
         """Cancelled before any row was scored: what was reserved goes back, nothing is written or billed."""
         self.lc.release(work.record, work.metering_id)
+        stored = self.lc.get(work.record)
+        if stored is not None and not stored.reason:  # the record says why it ended, as a run's end would
+            self.s.store.update(
+                stored.tenant, stored.kind, stored.id, details={**stored.details, "reason": "cancelled"}
+            )
         return Outcome("cancelled", work.record.id, work.record.route, reason="cancelled before it ran")
 
 

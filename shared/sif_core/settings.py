@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     idempotency_table: str = ""
     job_topic_arn: str = ""
     model_cache_dir: Path = Path("/tmp/sif-models")  # noqa: S108 - Lambda's only writable place
+    # How long a warm process trusts what it read of a model's versions and aliases (an alias moved in
+    # the models bucket serves within this time, without a redeploy).
+    model_index_ttl_s: float = 30.0
     presign_ttl_s: int = 3600
     # Callbacks: queued by the lifecycle on the callbacks queue, delivered by the callback function.
     callbacks_queue_url: str = ""

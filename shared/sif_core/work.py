@@ -65,6 +65,8 @@ class WorkRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     cancelled_at: float | None = None
+    started_at: float | None = None  # set by the lifecycle when a run starts (the latest run's start)
+    finished_at: float | None = None  # set by the lifecycle when the work ends
 
     @property
     def reason(self) -> str | None:

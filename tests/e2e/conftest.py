@@ -56,13 +56,21 @@ class ApiClient:
         return dict(error)
 
 
+# How often a warm function re-reads a model's versions and aliases (30 s on AWS): short on the test
+# stack, so that an alias moved by a test serves within seconds (tests/e2e/test_protocols.py).
+MODEL_INDEX_TTL_S = 3
+
+
 @pytest.fixture(scope="session")
 def api(local_stack: LocalStack) -> Iterator[LocalApiGateway]:
+    env = pytest.MonkeyPatch()  # for the whole session: instances spawned later read it too
+    env.setenv("SIF_MODEL_INDEX_TTL_S", str(MODEL_INDEX_TTL_S))
     gateway = LocalApiGateway(local_stack, 0).start()
     try:
         yield gateway
     finally:
         gateway.stop()
+        env.undo()
 
 
 @pytest.fixture(scope="session")

@@ -34,10 +34,29 @@ CONTRACT_ROUTES = {
     ("GET", "/v1/models/{name}"): "SifAuthorizer",
     ("POST", "/v1/embeddings"): "SifAuthorizer",
     ("POST", "/v1/models/{name}/predict"): "SifAuthorizer",
+    ("POST", "/v1/models/{name}"): "SifAuthorizer",  # TF-Serving's {name}:predict
+    ("POST", "/v1/models/{name}/versions/{version}"): "SifAuthorizer",  # .../versions/{v}:predict
+    ("POST", "/v1/models/{name}/labels/{label}"): "SifAuthorizer",  # .../labels/{alias}:predict
+    ("GET", "/v1/models/{name}/versions/{version}"): "SifAuthorizer",
+    ("GET", "/v1/models/{name}/metadata"): "SifAuthorizer",
+    ("GET", "/v2/health/live"): None,
+    ("GET", "/v2/health/ready"): None,
+    ("GET", "/v2"): "SifAuthorizer",
+    ("GET", "/v2/models/{name}"): "SifAuthorizer",
+    ("GET", "/v2/models/{name}/ready"): "SifAuthorizer",
+    ("GET", "/v2/models/{name}/versions/{version}"): "SifAuthorizer",
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): "SifAuthorizer",
+    ("POST", "/v2/models/{name}/infer"): "SifAuthorizer",
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): "SifAuthorizer",
     ("POST", "/v1/batches"): "SifAuthorizer",
     ("GET", "/v1/batches/{id}"): "SifAuthorizer",
     ("GET", "/v1/batches"): "SifAuthorizer",
     ("POST", "/v1/batches/{id}/cancel"): "SifAuthorizer",
+    ("POST", "/v1/files"): "SifAuthorizer",
+    ("GET", "/v1/files"): "SifAuthorizer",
+    ("GET", "/v1/files/{id}"): "SifAuthorizer",
+    ("GET", "/v1/files/{id}/content"): "SifAuthorizer",
+    ("DELETE", "/v1/files/{id}"): "SifAuthorizer",
     ("POST", "/v1/jobs"): "SifAuthorizer",
     ("GET", "/v1/jobs/{id}"): "SifAuthorizer",
     ("GET", "/v1/jobs"): "SifAuthorizer",
@@ -111,7 +130,10 @@ def test_template_functions_and_routes() -> None:
     assert routes == CONTRACT_ROUTES
     by_path = {r.path: r for r in template.api_routes()}
     assert by_path["/v1/models/{name}/predict"].match("POST", "/v1/models/open-nsfw/predict") == {"name": "open-nsfw"}
-    assert by_path["/v1/models/{name}"].match("POST", "/v1/models/open-nsfw") is None
+    by_route = {(r.method, r.path): r for r in template.api_routes()}
+    assert by_route[("GET", "/v1/models/{name}")].match("POST", "/v1/models/open-nsfw") is None
+    tf_predict = by_route[("POST", "/v1/models/{name}")].match("POST", "/v1/models/open-nsfw:predict")
+    assert tf_predict == {"name": "open-nsfw:predict"}  # the API function splits the verb off
 
     (authorizer,) = template.authorizers().values()
     assert authorizer.function == "AuthorizerFunction"

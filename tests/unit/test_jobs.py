@@ -55,6 +55,7 @@ def manifest(name: str) -> ModelManifest:
 
 MINILM = manifest("all-minilm-l6-v2")
 NSFW = manifest("open-nsfw")
+IRIS = manifest("iris-species")
 
 
 # ---------------------------------------------------------------------- the message
@@ -141,7 +142,7 @@ def test_callbacks_reach_only_public_hosts_outside_the_local_stack() -> None:
 
 # ---------------------------------------------------------------------- inputs
 def test_instances_are_checked_at_the_door_and_read_as_the_jsonl_they_describe() -> None:
-    check_instances(MINILM, ["a", {"text": "b"}])
+    assert check_instances(MINILM, ["a", {"text": "b"}]) == [{"text": "a"}, {"text": "b"}]
     with pytest.raises(JobInputError, match=r"instances\[1\]: expected a string"):
         check_instances(MINILM, ["a", 2])
     png = base64.b64encode(b"\x89PNG").decode()
@@ -157,6 +158,17 @@ def test_instances_are_checked_at_the_door_and_read_as_the_jsonl_they_describe()
     with open_rows(BytesSource(data), "jsonl", "text") as reader:
         rows = list(reader)
     assert [(r.id, r.value) for r in rows[:2] if isinstance(r, Row)] == [(0, "a"), (1, "b")]
+
+
+def test_tabular_instances_may_be_bare_feature_objects_and_are_staged_as_feature_rows() -> None:
+    flower = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    rows = check_instances(IRIS, [flower, {"features": flower}])
+    assert rows == [{"features": flower}, {"features": flower}]
+    with pytest.raises(JobInputError, match=r"instances\[1\]: expected an object of named features"):
+        check_instances(IRIS, [flower, "5.1,3.5,1.4,0.2"])
+    with open_rows(BytesSource(instances_jsonl(rows)), "jsonl", "features") as reader:
+        read = [r for r in reader if isinstance(r, Row)]
+    assert [(r.id, r.value) for r in read] == [(0, flower), (1, flower)]
 
 
 def test_a_job_reads_its_own_uploads_or_results_never_a_dropped_file() -> None:

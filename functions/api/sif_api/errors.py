@@ -24,6 +24,7 @@ from sif_inference.errors import (
     InputLimitError,
     IntegrityError,
     ModelNotFoundError,
+    UnknownVariantError,
     WrongTaskError,
 )
 from sif_metering.ledger import QuotaExceededError
@@ -245,6 +246,10 @@ def register(app: APIGatewayRestResolver, logger: Logger) -> None:
     @app.exception_handler(ModelNotFoundError)
     def unknown_model(exc: ModelNotFoundError) -> Response:
         return error_response(404, "model_not_found", str(exc))
+
+    @app.exception_handler(UnknownVariantError)
+    def unknown_variant(exc: UnknownVariantError) -> Response:
+        return error_response(400, "unknown_variant", str(exc))
 
     @app.exception_handler(WrongTaskError)
     def wrong_task(exc: WrongTaskError) -> Response:

@@ -19,11 +19,13 @@ from sif_api import (
     caller,
     errors,
     routes_batches,
+    routes_files,
     routes_inference,
     routes_jobs,
     routes_meta,
     routes_models,
     routes_usage,
+    routes_v2,
     service,
 )
 
@@ -36,9 +38,19 @@ tracer = Tracer()
 metrics = Metrics()
 
 app = APIGatewayRestResolver(enable_validation=True, json_body_deserializer=errors.parse_json_body)
-for module in (routes_meta, routes_models, routes_inference, routes_usage, routes_jobs, routes_batches):
+for module in (
+    routes_meta,
+    routes_models,
+    routes_inference,
+    routes_v2,
+    routes_usage,
+    routes_jobs,
+    routes_batches,
+    routes_files,
+):
     app.include_router(module.router)
-routes_meta.add_openapi(app)
+# POST /v1/files reads its multipart/form-data itself: its body is documented by hand
+routes_meta.add_openapi(app, request_bodies={(routes_files.UPLOAD_PATH, "post"): routes_files.UPLOAD_REQUEST_BODY})
 errors.register(app, logger)
 
 service.get_service().warm()  # the cold start: every model loaded before the first request
@@ -51,7 +63,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     too_large = errors.body_too_large(event)
     if too_large is not None:
         return too_large
-    not_json = errors.unsupported_media_type(event)  # a body of another media type: 415
+    # a body of another media type than JSON: 415 (the file upload checks its multipart/form-data itself)
+    not_json = None if routes_files.takes_form(event) else errors.unsupported_media_type(event)
     if not_json is not None:
         return not_json
     two_keys = caller.conflicting_keys(event)  # a Bearer key and an x-api-key that differ: 400

@@ -1,7 +1,9 @@
 """POST /v1/jobs (202 + id), GET /v1/jobs/{id}, GET /v1/jobs, POST /v1/jobs/{id}/cancel: async jobs.
 
-Submission validates the job against the model's manifest (task, limits, the tenant's own S3
-prefixes), decides the route with the shared router, records the job (queued) in the work table
+Submission resolves the model reference (`name`, `name@version`, `name@alias`: a canary alias picks
+by the job id) once and pins that version (and variant) in the message and the record, so the whole
+job runs one version; it validates the job against that version's manifest (task, limits, the
+tenant's own S3 prefixes), decides the route with the shared router, records the job (queued) in the work table
 and puts a `JobMessage` on the jobs queue; the worker runs cpu jobs itself and hands gpu jobs to
 AWS Batch. An instance list too big for one SQS message is staged in the results bucket first.
 A job id is looked up under the caller's tenant only, so another tenant's job is a 404. The list is
@@ -25,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sif_api.caller import Caller, current_caller
 from sif_api.errors import ApiError, BadRequestError, ConflictError, NotFoundError
 from sif_api.routes_meta import SECURITY
-from sif_api.schemas import ModelName, error_responses
+from sif_api.schemas import ModelName, Variant, error_responses
 from sif_api.service import ApiService, get_service
 from sif_core.aws import presign_get
 from sif_core.callbacks import check_callback_url
@@ -45,6 +47,7 @@ from sif_core.runner import OnError
 from sif_core.s3io import S3Object
 from sif_core.settings import Settings, get_settings
 from sif_core.work import LIST_LIMIT_MAX, InvalidCursorError, Status, WorkRecord, WorkStore, new_id
+from sif_inference.rounding import Encoding
 
 logger = Logger(child=True)
 router = Router()
@@ -63,6 +66,7 @@ class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName
+    variant: Variant | None = None
     input: JobInput = Field(
         description='`{"instances": [...]}` (texts, or `{"b64": ...}` images) or `{"s3_uri": "s3://..."}` '
         "(a JSONL/CSV file under `uploads/{tenant}/` in the inbox bucket, or in your results prefix)",
@@ -72,6 +76,11 @@ class CreateJobRequest(BaseModel):
     on_error: OnError = Field(
         default="continue",
         description='"continue": a bad row goes to errors.jsonl and the others are scored; "fail": all-or-nothing',
+    )
+    encoding_format: Encoding = Field(
+        default="float",
+        description='embedding models: "base64" writes each vector as the OpenAI API does (little-endian '
+        "float32, base64): exact, and under half the size of the 7-digit floats",
     )
     callback_url: str | None = Field(
         default=None,
@@ -97,6 +106,8 @@ class JobStatusResponse(BaseModel):
     progress: float = Field(description="0..1")
     route: Route
     model: str
+    model_version: str | None = Field(default=None, description="the version the job runs (pinned when accepted)")
+    variant: str | None = None
     rows: int | None = Field(default=None, description="rows read (good and bad) once the job has outputs")
     succeeded: int | None = None
     failed: int | None = Field(default=None, description="rows that failed; each is in errors.jsonl")
@@ -136,29 +147,38 @@ class JobsApi:
     def submit(self, caller: Caller, req: CreateJobRequest, api: ApiService) -> CreateJobResponse:
         """Validate, estimate, reserve the estimate on the tenant's quota (429 when it does not fit), record, queue."""
         tenant = caller.tenant_id
-        manifest = api.manifest(req.model)
         job_id = new_id("job")
+        served = api.resolve(caller, req.model, job_id, req.variant)  # the version the whole job runs
+        manifest = served.manifest
         job_input = req.input
         if job_input.instances is not None:
             try:
-                check_instances(manifest, job_input.instances)
+                rows = check_instances(manifest, job_input.instances)
             except WorkFailedError as exc:
                 raise JobValidationError(f"input.{exc}") from exc
-            items = len(job_input.instances)
+            job_input = JobInput(instances=rows)
+            items = len(rows)
         else:
             assert job_input.s3_uri is not None
             items = self._rows_in(tenant, job_input.s3_uri)
+        if req.encoding_format == "base64" and manifest.task != "embedding":
+            raise JobValidationError(
+                f'encoding_format "base64" is for embedding models; {manifest.name!r} does {manifest.task}'
+            )
         route = choose_route(manifest, items, req.accelerator)
         api.reserve(caller, metering_id("job", job_id), items)
         message = JobMessage(
             id=job_id,
             tenant=tenant,
-            model=req.model,
+            model=manifest.name,
+            model_version=manifest.version,
+            variant=served.variant,
             input=job_input,
             accelerator=req.accelerator,
             route=route,
             on_error=req.on_error,
             callback_url=req.callback_url,
+            encoding_format=req.encoding_format,
             submitted_at=time.time(),
         )
         body = message.model_dump_json(exclude_none=True)
@@ -169,12 +189,20 @@ class JobsApi:
             id=job_id,
             kind="job",
             tenant=tenant,
-            model=req.model,
+            model=manifest.name,
             route=route,
             rows=items if job_input.instances is not None else 0,
             input_key=message.input.s3_uri,
             callback_url=req.callback_url,
-            details={"source": "api", "accelerator": req.accelerator, "reserved": items, "on_error": req.on_error},
+            details={
+                "source": "api",
+                "accelerator": req.accelerator,
+                "reserved": items,
+                "on_error": req.on_error,
+                "version": manifest.version,
+                "variant": served.variant,
+                **({"encoding_format": "base64"} if req.encoding_format == "base64" else {}),
+            },
         )
         self.store.create(record)
         try:
@@ -264,6 +292,8 @@ class JobsApi:
             progress=1.0 if record.status == "succeeded" else record.progress,
             route=record.route,
             model=record.model,
+            model_version=record.details.get("version"),
+            variant=record.details.get("variant"),
             rows=record.rows if record.has_outputs else None,
             succeeded=record.succeeded if record.has_outputs else None,
             failed=record.failed if record.has_outputs else None,
@@ -304,7 +334,7 @@ def get_jobs() -> JobsApi:
     ),
     tags=["jobs"],
     security=SECURITY,
-    responses=error_responses(401, 404, 422, 500),
+    responses=error_responses(400, 401, 404, 422, 429, 500),
 )
 def create_job(
     body: Annotated[CreateJobRequest, Body()],

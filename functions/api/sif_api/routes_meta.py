@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
@@ -41,18 +43,29 @@ def base_path(app: APIGatewayRestResolver) -> str:
     return ""
 
 
-def add_openapi(app: APIGatewayRestResolver) -> None:
-    """GET /openapi.json (generated once per base path) and the Swagger UI at GET /docs."""
+def add_openapi(
+    app: APIGatewayRestResolver, *, request_bodies: Mapping[tuple[str, str], dict[str, Any]] | None = None
+) -> None:
+    """GET /openapi.json (generated once per base path) and the Swagger UI at GET /docs.
+
+    `request_bodies`: {(path, method): requestBody} for routes that read their body themselves (a
+    multipart form), which the generated document cannot know."""
 
     @cache
     def document(base: str) -> str:
-        return app.get_openapi_json_schema(
+        text = app.get_openapi_json_schema(
             title=TITLE,
             version=VERSION,
             description=DESCRIPTION,
             servers=[Server(url=base or "/")],
             security_schemes=SECURITY_SCHEMES,
         )
+        if not request_bodies:
+            return text
+        spec = json.loads(text)
+        for (path, method), body in request_bodies.items():
+            spec["paths"][path][method]["requestBody"] = body
+        return json.dumps(spec)
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi_json() -> Any:  # a Response: no response model, no validation

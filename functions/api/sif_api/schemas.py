@@ -8,9 +8,28 @@ from typing import Annotated, Any, Literal
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sif_inference.manifest import VARIANT_PATTERN
+from sif_inference.manifest import Task as TaskName
 from sif_inference.tasks import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEMPLATE_CHARS
 
-ModelName = Annotated[str, Field(min_length=1, max_length=128, examples=["all-minilm-l6-v2"])]
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=192,
+        description="`name`, `name@version` or `name@alias` (no suffix: the `latest` alias)",
+        examples=["all-minilm-l6-v2"],
+    ),
+]
+Variant = Annotated[
+    str,
+    Field(
+        pattern=VARIANT_PATTERN,
+        max_length=32,
+        description="one of the model's variants (GET /v1/models/{name}); default: its default variant",
+        examples=["fp32"],
+    ),
+]
 # A text to embed. The document says non-empty; the inference core refuses "" (400 "input N: text is
 # empty"), the one rule for calls, files and jobs, so the schema does not check it a second time.
 Text = Annotated[str, Field(json_schema_extra={"minLength": 1})]
@@ -35,9 +54,9 @@ def error_responses(*statuses: int, ok: int | None = None) -> dict[int, OpenAPIR
     annotation; `ok=200` (or 202...) lists it again, with that annotation as its schema.
     """
     what = {
-        400: "bad request (e.g. a model used for the wrong task, an undecodable image)",
+        400: "bad request (e.g. an unknown variant, a model used for the wrong task, an undecodable image)",
         401: "missing or unknown API key",
-        404: "unknown model or route",
+        404: "unknown model (or version, or alias; another tenant's private model) or route",
         413: "body over 6 MB, or more inputs / larger inputs than the model takes",
         415: "a body that is not application/json",
         422: "the body or the query does not validate",
@@ -76,9 +95,15 @@ class ModelPrice(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """One model as sif describes it, and as OpenAI's model object (`id`, `object`, `created`, `owned_by`)."""
+
+    id: str = Field(description="the model's name (what `model` takes)")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when this version was published (Unix seconds; 0 when unknown)")
+    owned_by: str = Field(description='"sif" for a public model, your tenant id for your private one')
     name: str
-    version: str
-    task: Literal["embedding", "image-classification"]
+    version: str = Field(description="the version `name` (the `latest` alias) serves now")
+    task: TaskName
     sha256: str = Field(description="sha256 of the default variant's ONNX file")
     route: Literal["cpu", "gpu"]
     limits: ModelLimits
@@ -88,9 +113,17 @@ class ModelInfo(BaseModel):
     dim: int = Field(description="embedding size, or the number of labels")
     labels: list[str] = Field(default_factory=list)
     price: ModelPrice
+    versions: list[str] = Field(default_factory=list, description="the versions that serve (`name@version`)")
+    aliases: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="alias -> {version: weight} (`name@alias`; two versions: a canary)"
+    )
 
 
 class ModelList(BaseModel):
+    """OpenAI's list shape (`object`, `data`: what `client.models.list()` reads) and sif's `models` (the same)."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
     models: list[ModelInfo]
 
 
@@ -108,6 +141,7 @@ class EmbeddingsRequest(BaseModel):
     )
     dimensions: int | None = Field(default=None, gt=0, description="must equal the model's size if given")
     user: str | None = None
+    variant: Variant | None = None
 
 
 class Embedding(BaseModel):
@@ -167,13 +201,21 @@ class PredictParameters(BaseModel):
         return value
 
 
+# A tabular model's named features ({"age": 41, "plan": "pro"}, or {"features": {...}}), or a tensor
+# model's named tensors ({"x": [0.1, 0.2]}, or {"inputs": {...}}); the task checks names and types.
+ObjectInstance = Annotated[dict[str, Any], Field(description="named features (tabular) or named tensors (tensor)")]
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instances: Annotated[list[Text | ImageInstance], Field(min_length=1)] = Field(
-        description='texts (strings) or images ({"b64": ...})', examples=[["A man is eating food."]]
+    instances: Annotated[list[Text | ImageInstance | ObjectInstance], Field(min_length=1)] = Field(
+        description='texts (strings), images ({"b64": ...}), a tabular model\'s named features or a tensor '
+        "model's named tensors (objects)",
+        examples=[["A man is eating food."]],
     )
     parameters: PredictParameters | None = None
+    variant: Variant | None = None
 
 
 class ZeroShotPrediction(BaseModel):
@@ -196,11 +238,164 @@ class PredictUsage(BaseModel):
     cost_usd: float
 
 
+class TabularPrediction(BaseModel):
+    label: str | int | float = Field(description="the class (or a regressor's value)")
+    probabilities: dict[str, float] | None = Field(default=None, description="per class, when the model gives them")
+
+
 class PredictResponse(BaseModel):
-    predictions: list[list[float] | ZeroShotPrediction | ImagePrediction]
+    predictions: list[list[float] | ZeroShotPrediction | ImagePrediction | TabularPrediction | dict[str, Any]] = Field(
+        description="per instance: a vector (embedding); {label, labels, scores} (zero-shot, text-classification); "
+        "{label, scores} (image); {label, probabilities} (tabular); {output: tensor} (tensor)"
+    )
     model: str
-    model_version: str
+    model_version: str = Field(description="the version that served (an alias resolved, once per request)")
+    variant: str = Field(description="the variant that served")
     usage: PredictUsage
+
+
+# ---------------------------------------------------------------- TF-Serving (model status and metadata)
+class TfStatus(BaseModel):
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+class TfVersionStatus(BaseModel):
+    version: str
+    state: Literal["AVAILABLE", "END"] = Field(description="END: the version is retired and no longer serves")
+    status: TfStatus = Field(default_factory=TfStatus)
+
+
+class TfModelStatus(BaseModel):
+    model_version_status: list[TfVersionStatus]
+
+
+class TfModelSpec(BaseModel):
+    name: str
+    signature_name: str = ""
+    version: str
+
+
+class TfDim(BaseModel):
+    size: str = Field(description='"-1" where the axis is dynamic')
+    name: str = ""
+
+
+class TfTensorShape(BaseModel):
+    dim: list[TfDim]
+    unknown_rank: bool = False
+
+
+class TfTensorInfo(BaseModel):
+    dtype: str = Field(examples=["DT_FLOAT"])
+    tensor_shape: TfTensorShape
+    name: str
+
+
+class TfSignatureDef(BaseModel):
+    inputs: dict[str, TfTensorInfo]
+    outputs: dict[str, TfTensorInfo]
+    method_name: str = "tensorflow/serving/predict"
+
+
+class TfSignatureDefMap(BaseModel):
+    signature_def: dict[str, TfSignatureDef]
+
+
+class TfMetadata(BaseModel):
+    signature_def: TfSignatureDefMap
+
+
+class TfModelMetadata(BaseModel):
+    model_spec: TfModelSpec
+    metadata: TfMetadata
+
+
+# ---------------------------------------------------------------- KServe v2 / Open Inference Protocol
+V2Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
+]
+Parameters = dict[str, str | int | float | bool | None]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(default_factory=list)
+
+
+class V2ServerLive(BaseModel):
+    live: bool
+
+
+class V2ServerReady(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: V2Datatype
+    shape: list[int] = Field(description="-1 where the axis is dynamic")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(description="the versions that may be asked for (`/versions/{v}`)")
+    platform: Literal["onnxruntime_onnx"] = "onnxruntime_onnx"
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+    parameters: Parameters = Field(
+        default_factory=dict, description="sif's: the version these tensors are of, its default variant, sha256, task"
+    )
+
+
+class V2RequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+    datatype: V2Datatype
+    parameters: Parameters | None = None
+    data: list[Any] = Field(description="the elements in row-major order (nested lists are flattened); BYTES: strings")
+
+
+class V2RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    parameters: Parameters | None = None
+
+
+class V2InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(default=None, max_length=256)
+    parameters: Parameters | None = Field(default=None, description='`{"variant": "fp32"}` picks a variant')
+    inputs: Annotated[list[V2RequestInput], Field(min_length=1, max_length=64)] = Field(
+        examples=[[{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["A man is eating food.", "hello"]}]]
+    )
+    outputs: list[V2RequestOutput] | None = Field(default=None, max_length=64, description="default: every output")
+
+
+class V2ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: V2Datatype
+    parameters: Parameters | None = None
+    data: list[Any]
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str = Field(description="the request's id, else the API request id")
+    parameters: Parameters = Field(default_factory=dict, description="sif's: variant, sha256 and usage that served")
+    outputs: list[V2ResponseOutput]
 
 
 # ---------------------------------------------------------------- usage

@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import calendar
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from functools import cache
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import numpy as np
 from aws_lambda_powertools import Logger
 
-from sif_api import inference
+from sif_api import inference, tensors
 from sif_api.caller import Caller, refused
+from sif_api.catalog import TEXT_TASKS, Catalog, Served, one_variant, text_output, text_width
 from sif_api.errors import BadRequestError
 from sif_api.schemas import (
     Embedding,
     EmbeddingsRequest,
     EmbeddingsResponse,
     EmbeddingsUsage,
-    ModelInfo,
-    ModelLimits,
-    ModelList,
-    ModelPrice,
     Period,
     PredictRequest,
     PredictResponse,
@@ -39,23 +36,24 @@ from sif_api.schemas import (
     UsageByModelDay,
     UsageResponse,
     UsageTotals,
+    V2InferRequest,
+    V2InferResponse,
+    V2ResponseOutput,
 )
 from sif_core.settings import Settings, get_settings
 from sif_inference.errors import BadInputError, ModelNotFoundError
 from sif_inference.manifest import ModelManifest, Price
 from sif_inference.registry import ModelRegistry
-from sif_inference.tasks import MAX_LABEL_CHARS, MAX_LABELS, MAX_TEMPLATE_CHARS, Task
+from sif_inference.tasks import Task
 from sif_inference.tasks import TaskResult as Outcome
+from sif_inference.tensors import graph_signature, has_batch_axis
+from sif_inference.versions import ModelRef, choose_version
 from sif_metering.ledger import QuotaExceededError, TenantInactiveError, Usage, UsageLedger
 from sif_metering.metrics import UsageMetrics
 from sif_metering.pricing import cost_usd
 from sif_metering.quota import QuotaGate
 
 logger = Logger(child=True)
-
-# Names as the models bucket lays them out; anything else is simply not a model (and never
-# reaches S3 as a prefix).
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
 
 def _today() -> date:
@@ -64,6 +62,22 @@ def _today() -> date:
 
 def _elapsed_ms(start: float) -> int:
     return max(1, math.ceil((time.perf_counter() - start) * 1000))
+
+
+class Metered(Protocol):
+    """What a metered piece of work reports (a task's TaskResult, a raw tensor run)."""
+
+    @property
+    def inputs(self) -> int: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def pixels(self) -> int: ...
+
+
+M = TypeVar("M", bound=Metered)
 
 
 @contextmanager
@@ -88,6 +102,7 @@ class ApiService:
         self.ledger = ledger
         self.quota = quota or QuotaGate(ledger)
         self.usage_metrics = usage_metrics
+        self.catalog = Catalog(registry)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiService:
@@ -112,29 +127,30 @@ class ApiService:
             except Exception:  # noqa: BLE001 - reported by the get() below
                 logger.debug("prefetch failed", extra={"model": name})
         for name in names:
-            try:
-                self.registry.get(name)
+            try:  # the version `latest` means, private models included (they serve their tenant)
+                versions, index = self.registry.versions(name)
+                self.registry.get(name, version=choose_version(ModelRef(name), versions, index))
                 loaded.append(name)
             except Exception:  # one broken model must not take the function down
                 logger.exception("cannot load model", extra={"model": name})
         return loaded
 
-    # ------------------------------------------------------------ models
-    def manifest(self, name: str) -> ModelManifest:
-        if not MODEL_NAME.match(name):
-            raise ModelNotFoundError(f"unknown model {name!r}")
-        return self.registry.manifest(name)
+    # ------------------------------------------------------------ which model serves
+    def resolve(self, caller: Caller, ref: str, request_id: str | None = None, variant: str | None = None) -> Served:
+        """What `ref` and `variant` mean for this request, decided once (see Catalog.resolve)."""
+        return self.catalog.resolve(caller, ref, request_id, variant)
 
-    def model_info(self, name: str) -> ModelInfo:
-        return describe(self.manifest(name))
-
-    def models(self) -> ModelList:
-        return ModelList(models=[describe(m) for m in self.registry.manifests()])
+    def manifest(self, ref: str, caller: Caller | None = None) -> ModelManifest:
+        """The manifest `ref` means now (for a caller: only a model it may see)."""
+        return self.catalog.manifest(ref, caller)
 
     # ------------------------------------------------------------ inference
-    def embeddings(self, caller: Caller, req: EmbeddingsRequest, request_id: str) -> EmbeddingsResponse:
-        manifest = self.manifest(req.model)
-        task = self.registry.task(req.model, kind="embedding")
+    def embeddings(
+        self, caller: Caller, req: EmbeddingsRequest, request_id: str, variant: str | None = None
+    ) -> tuple[EmbeddingsResponse, Served]:
+        served = self.resolve(caller, req.model, request_id, one_variant(req.variant, variant))
+        manifest = served.manifest
+        task = self.registry.task(manifest.name, served.variant, version=manifest.version, kind="embedding")
         if req.dimensions is not None and req.dimensions != manifest.output.dim:
             raise BadRequestError(f"model {req.model!r} has {manifest.output.dim} dimensions, not {req.dimensions}")
         texts = [req.input] if isinstance(req.input, str) else req.input
@@ -144,7 +160,7 @@ class ApiService:
             data = [Embedding(index=i, embedding=inference.float32_base64(v)) for i, v in enumerate(vectors)]
         else:
             data = [Embedding(index=i, embedding=task.to_json(v)) for i, v in enumerate(vectors)]
-        return EmbeddingsResponse(
+        response = EmbeddingsResponse(
             data=data,
             model=req.model,
             usage=EmbeddingsUsage(
@@ -155,20 +171,27 @@ class ApiService:
                 cost_usd=_cost(manifest.price, usage),
             ),
         )
+        return response, served
 
-    def predict(self, caller: Caller, name: str, req: PredictRequest, request_id: str) -> PredictResponse:
-        manifest = self.manifest(name)
+    def predict(
+        self, caller: Caller, ref: str, req: PredictRequest, request_id: str, variant: str | None = None
+    ) -> tuple[PredictResponse, Served]:
+        served = self.resolve(caller, ref, request_id, one_variant(req.variant, variant))
+        manifest = served.manifest
         params = req.parameters
         labels = params.labels if params else None
         template = params.template if params else None
         with _bad_input_is_400():
-            task = self.registry.task(name, labels=labels, template=template)
+            task = self.registry.task(
+                manifest.name, served.variant, version=manifest.version, labels=labels, template=template
+            )
         instances = inference.task_inputs(req.instances)
         result, usage = self._infer(caller, manifest, request_id, task, instances)
-        return PredictResponse(
+        response = PredictResponse(
             predictions=[inference.prediction_body(task, result.predictions[i]) for i in range(len(instances))],
-            model=name,
+            model=manifest.name,
             model_version=manifest.version,
+            variant=served.variant,
             usage=PredictUsage(
                 inputs=usage.inputs,
                 tokens=usage.tokens,
@@ -178,6 +201,77 @@ class ApiService:
                 cost_usd=_cost(manifest.price, usage),
             ),
         )
+        return response, served
+
+    def infer(
+        self, caller: Caller, ref: str, req: V2InferRequest, request_id: str, variant: str | None = None
+    ) -> tuple[V2InferResponse, Served]:
+        """KServe v2 infer: a text model's BYTES texts through its task; any other model's named tensors
+        straight through its graph. Metered like every call: one unit per input (row of the batch axis)."""
+        asked = (req.parameters or {}).get("variant")
+        if asked is not None and not isinstance(asked, str):
+            raise BadRequestError("parameters.variant must be a string")
+        served = self.resolve(caller, ref, request_id, one_variant(asked, variant))
+        manifest = served.manifest
+        wanted = [o.name for o in req.outputs or []]
+        with _bad_input_is_400():
+            if manifest.task in TEXT_TASKS:
+                outputs, usage = self._infer_texts(caller, served, request_id, req, wanted)
+            else:
+                outputs, usage = self._infer_tensors(caller, served, request_id, req, wanted)
+        response = V2InferResponse(
+            model_name=manifest.name,
+            model_version=manifest.version,
+            id=req.id if req.id is not None else request_id,
+            parameters={
+                "variant": served.variant,
+                "sha256": served.sha256,
+                "inputs": usage.inputs,
+                "tokens": usage.tokens,
+                "compute_ms": usage.compute_ms,
+                "cost_usd": _cost(manifest.price, usage),
+            },
+            outputs=outputs,
+        )
+        return response, served
+
+    def _infer_texts(
+        self, caller: Caller, served: Served, request_id: str, req: V2InferRequest, wanted: list[str]
+    ) -> tuple[list[V2ResponseOutput], Usage]:
+        manifest = served.manifest
+        name = text_output(manifest)
+        unknown = [w for w in wanted if w != name]
+        if unknown:
+            raise BadRequestError(f"model {manifest.name!r} has no output {unknown[0]!r}; it has [{name!r}]")
+        texts = tensors.texts(req.inputs)
+        task = self.registry.task(manifest.name, served.variant, version=manifest.version)
+        result, usage = self._infer(caller, manifest, request_id, task, texts)
+        rows = [inference.scores_row(task, result.predictions[i]) for i in range(len(texts))]
+        width = text_width(manifest)
+        matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, width), dtype=np.float32)
+        return [tensors.encode(name, matrix)], usage
+
+    def _infer_tensors(
+        self, caller: Caller, served: Served, request_id: str, req: V2InferRequest, wanted: list[str]
+    ) -> tuple[list[V2ResponseOutput], Usage]:
+        manifest = served.manifest
+        model = self.registry.get(manifest.name, served.variant, version=manifest.version)
+        specs = {s.name: s for s in (model.signature or graph_signature(model.session)).inputs}
+        feeds: dict[str, np.ndarray] = {}
+        for tensor in req.inputs:
+            if tensor.name in feeds:
+                raise BadRequestError(f"input {tensor.name!r} is given twice")
+            array = tensors.decode(tensor)
+            spec = specs.get(tensor.name)
+            if spec is not None:  # an unknown name is the core's error, with the model's input names
+                tensors.check_datatype(tensor, spec)
+            feeds[tensor.name] = array
+        batched = bool(specs) and all(has_batch_axis(s) for s in specs.values())
+        rows = max((int(a.shape[0]) for a in feeds.values() if a.ndim), default=1) if batched else 1
+        run, usage = self._metered(
+            caller, manifest, request_id, lambda: inference.run_tensors(model, feeds, wanted, rows), units=rows
+        )
+        return [tensors.encode(name, value) for name, value in run.outputs.items()], usage
 
     def _infer(
         self, caller: Caller, manifest: ModelManifest, request_id: str, task: Task, inputs: list[Any]
@@ -193,9 +287,9 @@ class ApiService:
         caller: Caller,
         manifest: ModelManifest,
         request_id: str,
-        work: Callable[[], Outcome],
+        work: Callable[[], M],
         units: int | None = None,
-    ) -> tuple[Outcome, Usage]:
+    ) -> tuple[M, Usage]:
         """Run `work` metered: the quota unit is the input, so a call draws one unit per input.
 
         `units` (the number of inputs, when the caller knows it before inference) lets the gate
@@ -264,7 +358,7 @@ class ApiService:
         total = UsageTotals()
         for row in self.ledger.rows(caller.tenant_id, start, end):
             if row.model not in prices:
-                prices[row.model] = self._price(row.model)
+                prices[row.model] = self._price(row.model, caller)
             cost = cost_usd(prices[row.model], calls=row.calls, inputs=row.inputs, tokens=row.tokens, gpu_ms=row.gpu_ms)
             rows.append(
                 UsageByModelDay(
@@ -289,44 +383,11 @@ class ApiService:
         period = Period(from_=start, to=end)
         return UsageResponse(tenant=caller.tenant_id, period=period, total=total, by_model_day=rows)
 
-    def _price(self, model: str) -> Price:
+    def _price(self, model: str, caller: Caller) -> Price:
         try:
-            return self.manifest(model).price
+            return self.manifest(model, caller).price
         except ModelNotFoundError:  # usage of a model since withdrawn: its price is gone with it
             return Price()
-
-
-def describe(manifest: ModelManifest) -> ModelInfo:
-    variants = {v: manifest.files[f].sha256 for v, f in manifest.variants.items() if f in manifest.files}
-    limits = manifest.limits
-    zero_shot = manifest.task == "embedding"  # text models also classify against labels
-    return ModelInfo(
-        name=manifest.name,
-        version=manifest.version,
-        task=manifest.task,
-        sha256=variants.get(manifest.default_variant, ""),
-        route=manifest.route,
-        limits=ModelLimits(
-            max_inputs=limits.max_inputs,
-            max_tokens=limits.max_tokens,
-            max_text_chars=limits.max_text_chars,
-            max_image_bytes=limits.max_image_bytes,
-            max_image_pixels=limits.max_image_pixels,
-            max_labels=MAX_LABELS if zero_shot else None,
-            max_label_chars=MAX_LABEL_CHARS if zero_shot else None,
-            max_template_chars=MAX_TEMPLATE_CHARS if zero_shot else None,
-        ),
-        description=manifest.description,
-        default_variant=manifest.default_variant,
-        variants=variants,
-        dim=manifest.output.dim,
-        labels=manifest.labels,
-        price=ModelPrice(
-            usd_per_call=manifest.price.usd_per_call,
-            usd_per_1k_inputs=manifest.price.usd_per_1k_inputs,
-            usd_per_1m_tokens=manifest.price.usd_per_1m_tokens,
-        ),
-    )
 
 
 def _cost(price: Price, usage: Usage) -> float:
