@@ -15,39 +15,50 @@ export MPLCONFIGDIR := $(abspath .cache/mpl)
 
 .PHONY: up down test venv models lint typecheck cfn-lint unit integration e2e package bench deploy clean
 
+# pip's output condensed to a status line (infra/local/sif_local/pip_progress.py); all of it goes to .venv/pip.log.
+PIP_INSTALL := $(BIN)/python -m pip install --progress-bar raw
+PIP_SHOW := 2>&1 | $(BIN)/python infra/local/sif_local/pip_progress.py $(VENV)/pip.log
 $(STAMP): pyproject.toml requirements/runtime-base.txt requirements/runtime-ml.txt requirements/runtime.txt requirements/dev.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build of torch first (build and baseline only), so nothing pulls a CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -r requirements/dev.txt
-	$(BIN)/python -m pip install -q --no-deps -e .
-	touch $(STAMP)
+	@echo "==> installing Python packages into $(VENV) (3-5 min on a cold machine; pip's log: $(VENV)/pip.log)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@set -o pipefail; $(BIN)/python -m pip install --progress-bar off --upgrade pip $(PIP_SHOW)
+	@# The CPU build of torch first (build and baseline only), so nothing pulls a CUDA build.
+	@set -o pipefail; $(PIP_INSTALL) torch==2.13.0 $(PIP_SHOW)
+	@set -o pipefail; $(PIP_INSTALL) -r requirements/dev.txt $(PIP_SHOW)
+	@# setuptools' "Editable installation" notice is for package authors, not for whoever runs make.
+	@set -o pipefail; PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(PIP_INSTALL) --no-deps -e . $(PIP_SHOW)
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
 models: $(STAMP)
-	$(BIN)/python -m sif_modelbuild --out $(MODELS_DIR)
+	@echo "==> building models into $(MODELS_DIR) (those up to date are only checked)"
+	@$(BIN)/python -m sif_modelbuild --out $(MODELS_DIR)
 
 lint: $(STAMP)
+	@echo "==> lint (ruff)"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
+	@echo "==> type-checking (mypy)"
 	$(BIN)/mypy layers/inference/python/sif_inference layers/metering/python/sif_metering shared/sif_core \
-	  infra/local/sif_local infra/gpu_worker/sif_gpu_worker functions/api/sif_api \
+	  infra/local/sif_local infra/gpu_worker/sif_gpu_worker infra/models/sif_modelbuild functions/api/sif_api \
 	  functions/authorizer/sif_authorizer functions/scorer/sif_scorer functions/worker/sif_worker \
 	  functions/callbacks/sif_callbacks
 
 cfn-lint: $(STAMP)
+	@echo "==> checking template.yaml (cfn-lint)"
 	$(BIN)/cfn-lint template.yaml
 
 test: $(STAMP) models cfn-lint lint typecheck
+	@echo "==> tests (pytest: unit, integration, end-to-end)"
 	$(BIN)/python -m pytest tests
 
 # `make up` runs in the foreground (Ctrl-C stops it); `make up BACKGROUND=1` returns once it is up.
 up: $(STAMP) models
-	$(BIN)/sif up $(if $(BACKGROUND),--background)
+	@echo "==> starting the local stack$(if $(BACKGROUND), in the background)"
+	@$(BIN)/sif up $(if $(BACKGROUND),--background)
 
 # Stops a stack started in the background; the state (tenants, files, usage) stays in .local.
 down:
@@ -60,8 +71,13 @@ PY312 := $(firstword $(foreach p,$(shell command -v python3.12) $(wildcard $(HOM
 package: $(STAMP)
 	$(BIN)/python -m sif_local.package --out build/package $(if $(PY312),--compile-with $(PY312) --check-with $(PY312))
 
+# The strong peer (sentence-transformers' ONNX int8 export) needs transformers<4.58: it gets its own
+# venv, .cache/peer-venv, built on first use. `make bench BENCH_ARGS=--quick` is a smoke run.
 bench: $(STAMP) models
-	$(BIN)/python -m sif_local.bench --out docs/benchmarks.md
+	@echo "==> bench: peer venv (.cache/peer-venv) and its int8 export (.cache/peer-models), built once"
+	$(BIN)/python -m sif_local.bench --setup-peer
+	@echo "==> bench: measuring (writes docs/benchmarks.md, .json, .png)"
+	$(BIN)/python -m sif_local.bench --out docs/benchmarks.md $(BENCH_ARGS)
 
 deploy: package
 	sam build && sam deploy --guided

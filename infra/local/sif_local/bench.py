@@ -1,8 +1,13 @@
-"""`make bench`: the inference core against the PyTorch sentence-transformers baseline, side by side.
+"""`make bench`: the inference core against sentence-transformers, PyTorch and its own ONNX int8 export.
 
-Everything runs in one process (and its children) on the same texts and thread count, so the
-ratios mean something on a shared, noisy machine; absolute times are for orientation only.
-Writes docs/benchmarks.md (tables) and docs/benchmarks.png (plot).
+In process, at 1 and 2 threads: sif int8 (and fp32), sentence-transformers on PyTorch, and the
+strong peer, sentence-transformers' ONNX backend with its int8 export (its own venv and process,
+see bench_peer), on the same texts in the same calls, timed by the same lines, interleaved round
+by round so drift on a shared machine hits every contender alike. Then the cold start, and the
+end-to-end paths (HTTP API, batch file, jobs) in their own processes. Issue 10's targets and the
+Lambda cost per 1M texts are judged in one table (bench_report); the ratios are the figures to
+read, absolute times are for orientation only.
+Writes docs/benchmarks.md (tables), docs/benchmarks.json (numbers) and docs/benchmarks.png (plot).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +28,33 @@ import numpy as np
 
 from sif_inference import LocalDirSource, ModelRegistry
 from sif_inference.sessions import usable_cpus
+from sif_local.bench_peer import PeerProcess, percentile, time_calls
 
 REPO = Path(__file__).resolve().parents[3]
 TEXTS = REPO / "shared" / "data" / "texts.txt"
 MODEL = "all-minilm-l6-v2"
+BATCH = 64  # texts per call in the throughput rows, as in the HTTP bench
+ST_BATCH = 32  # sentence-transformers' default encode() batch size, for PyTorch and the peer alike
+SETTLE_S = 0.3  # the previous contender's spinning threads go idle before the next one starts
+SIF, SIF_FP32, TORCH, PEER = "sif int8", "sif fp32", "PyTorch (sentence-transformers)", "ST ONNX int8 (peer)"
+
+TimeCalls = Callable[[int, Sequence[list[str]]], list[float]]  # (threads, calls) -> seconds per call
+
+
+def cpu_description() -> str:
+    """The CPU and the int8 instructions it has (ORT picks its u8s8 kernels by these)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    has = [f for f in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
+    return f"{model}, {' '.join(has) or 'no AVX2'}"
 
 
 def load_texts() -> list[str]:
     return [t for t in TEXTS.read_text().splitlines() if t.strip()]
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
-def latency_ms(fn: Callable[[str], Any], texts: list[str], n: int) -> dict[str, float]:
-    for t in texts[:5]:
-        fn(t)
-    samples = []
-    for i in range(n):
-        start = time.perf_counter()
-        fn(texts[i % len(texts)])
-        samples.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99)}
-
-
-def throughput(fn: Callable[[list[str]], Any], texts: list[str], repeats: int) -> dict[str, float]:
-    fn(texts[:64])
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(texts)
-        rates.append(len(texts) / (time.perf_counter() - start))
-    return {"texts_per_s": statistics.median(rates), "runs": repeats}
 
 
 class Baseline:
@@ -69,68 +68,146 @@ class Baseline:
         self.model = SentenceTransformer(str(checkpoint), device="cpu")
 
     def embed(self, texts: list[str]) -> Any:
-        return self.model.encode(texts, batch_size=32, show_progress_bar=False)
+        return self.model.encode(texts, batch_size=ST_BATCH, normalize_embeddings=True, show_progress_bar=False)
+
+    def time_calls(self, threads: int, calls: Sequence[list[str]]) -> list[float]:
+        import torch
+
+        torch.set_num_threads(threads)
+        return time_calls(self.embed, calls)
 
 
-def core_bench(models_dir: Path, checkpoint: Path, texts: list[str], threads: int, quick: bool) -> dict[str, Any]:
-    registry = ModelRegistry(LocalDirSource(models_dir), Path(tempfile.mkdtemp(prefix="sif-bench-")), threads=threads)
-    int8 = registry.embedder(MODEL, "int8")
-    fp32 = registry.embedder(MODEL, "fp32")
-    base = Baseline(checkpoint, threads)
-    repeats = 1 if quick else 3
-    n_lat = 50 if quick else 300
-    results: dict[str, Any] = {"throughput": {}, "latency": {}}
-    # Interleaved so drift on a shared machine hits every contender alike.
-    for name, fn in (("sif int8", int8.embed), ("sif fp32", fp32.embed), ("pytorch baseline", base.embed)):
-        results["throughput"][name] = throughput(fn, texts, repeats)
-    for name, fn1 in (
-        ("sif int8", lambda t: int8.embed([t])),
-        ("sif fp32", lambda t: fp32.embed([t])),
-        ("pytorch baseline", lambda t: base.embed([t])),
-    ):
-        results["latency"][name] = latency_ms(fn1, texts, n_lat)
+def in_process(embed: Callable[[list[str]], Any]) -> TimeCalls:
+    return lambda _threads, calls: time_calls(embed, calls)
+
+
+def call_stats(rates: list[float], seconds: list[float]) -> dict[str, float]:
+    return {
+        "texts_per_s": statistics.median(rates),
+        "best_texts_per_s": max(rates),
+        "p50_call_ms": percentile(seconds, 50) * 1000,
+        "p99_call_ms": percentile(seconds, 99) * 1000,
+        "runs": len(rates),
+    }
+
+
+def compare(
+    contenders: dict[str, TimeCalls], texts: list[str], threads: int, rounds: int, latency_n: int
+) -> dict[str, Any]:
+    """Throughput (the texts in BATCH-text calls) and single-text latency, one block per contender a round."""
+    calls = [texts[i : i + BATCH] for i in range(0, len(texts), BATCH)]
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    per_call: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, timed in contenders.items():
+            time.sleep(SETTLE_S)
+            seconds = timed(threads, calls)
+            rates[name].append(len(texts) / sum(seconds))
+            per_call[name] += seconds
+    singles: dict[str, list[float]] = {name: [] for name in contenders}
+    round_p50: dict[str, list[float]] = {name: [] for name in contenders}
+    per_round = max(1, latency_n // rounds)
+    for r in range(rounds):
+        block = [[texts[(r * per_round + i) % len(texts)]] for i in range(per_round)]
+        for name, timed in contenders.items():
+            time.sleep(SETTLE_S)
+            seconds = timed(threads, block)
+            singles[name] += seconds
+            round_p50[name].append(percentile(seconds, 50) * 1000)
+    return {
+        "throughput": {name: call_stats(rates[name], per_call[name]) for name in contenders},
+        "latency": {
+            name: {
+                "p50_ms": percentile(singles[name], 50) * 1000,
+                "p99_ms": percentile(singles[name], 99) * 1000,
+                "best_round_p50_ms": min(round_p50[name]),
+                "n": len(singles[name]),
+            }
+            for name in contenders
+        },
+    }
+
+
+def cosines(vectors: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    cos = np.sum(vectors * reference, axis=1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+    return {"mean": float(cos.mean()), "min": float(cos.min()), "p1": float(np.percentile(cos, 1))}
+
+
+def core_bench(
+    models_dir: Path,
+    base: Baseline,
+    peer: PeerProcess | None,
+    texts: list[str],
+    thread_counts: list[int],
+    rounds: int,
+    latency_n: int,
+) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="sif-bench-"))
+    results: dict[str, Any] = {"batch": BATCH, "st_batch": ST_BATCH, "texts": len(texts), "threads": {}}
+    for threads in thread_counts:
+        registry = ModelRegistry(LocalDirSource(models_dir), work / f"cache-{threads}", threads=threads)
+        int8, fp32 = registry.embedder(MODEL, "int8"), registry.embedder(MODEL, "fp32")
+        contenders: dict[str, TimeCalls] = {
+            SIF: in_process(int8.embed),  # the registry's threads: one session a thread, a text a run
+            SIF_FP32: in_process(fp32.embed),
+            TORCH: base.time_calls,
+        }
+        if peer is not None:
+            contenders[PEER] = peer.time_calls
+        print(f"==> in process, {threads} thread(s): {', '.join(contenders)}", file=sys.stderr, flush=True)
+        results["threads"][str(threads)] = compare(contenders, texts, threads, rounds, latency_n)
+    # The vectors the contenders compare with: PyTorch's, on the project venv's transformers.
+    reference = np.asarray(base.embed(texts), dtype=np.float32)
+    agreement = {SIF: cosines(int8.embed(texts).vectors, reference)}
+    if peer is not None:
+        np.save(work / "reference.npy", reference)
+        agreement[PEER] = peer.cosines(thread_counts[-1], texts, work / "reference.npy")
+    results["agreement"] = agreement
     return results
 
 
-def time_child(args: list[str], env: dict[str, str]) -> float:
+def time_child(argv: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sif_local.coldstart", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - start
     proc.wait(timeout=120)
     if not line.startswith("READY"):
-        raise RuntimeError(f"cold-start child {args[0]} failed (exit {proc.returncode})")
+        raise RuntimeError(f"cold-start child {argv[1:4]} failed (exit {proc.returncode})")
     return elapsed
 
 
-def cold_start_bench(models_dir: Path, checkpoint: Path, threads: int, runs: int) -> dict[str, Any]:
+def cold_start_bench(checkpoint: Path, models_dir: Path, peer: PeerProcess | None, runs: int) -> dict[str, Any]:
+    """Fresh process until its first embedding, interleaved: ours from the models bucket, the others from disk."""
+    import boto3
+
     from sif_local.awsemu import AwsEmulator, aws_client_env
     from sif_local.stack import publish_models
 
+    threads = usable_cpus()
+    child = [sys.executable, "-m", "sif_local.coldstart"]
+    argv = {
+        SIF: [*child, "ours", "bench-models", MODEL],
+        TORCH: [*child, "baseline", str(checkpoint), str(threads)],
+    }
+    if peer is not None:
+        argv[PEER] = peer.coldstart_argv(threads)
     emu = AwsEmulator(port=0, in_process=False).start()
     try:
         env = {**os.environ, **aws_client_env(emu.endpoint_url)}
-        import boto3
-
         s3 = boto3.client("s3", endpoint_url=emu.endpoint_url, region_name="us-east-1", **_creds())
         s3.create_bucket(Bucket="bench-models")
         publish_models(s3, "bench-models", models_dir)
-        ours, base = [], []
-        for _ in range(runs):  # interleaved
-            ours.append(time_child(["ours", "bench-models", MODEL], env))
-            base.append(time_child(["baseline", str(checkpoint), str(threads)], env))
+        seconds: dict[str, list[float]] = {name: [] for name in argv}
+        for _ in range(runs):
+            for name, args in argv.items():
+                seconds[name].append(time_child(args, env))
     finally:
         emu.stop()
     return {
-        "sif int8 (from models bucket)": {"median_s": statistics.median(ours), "max_s": max(ours), "runs": runs},
-        "pytorch baseline (from local disk)": {"median_s": statistics.median(base), "max_s": max(base), "runs": runs},
+        name: {"median_s": statistics.median(s), "max_s": max(s), "runs": runs, "threads": threads}
+        for name, s in seconds.items()
     }
 
 
@@ -138,99 +215,41 @@ def _creds() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
-def render(results: dict[str, Any], threads: int, n_texts: int) -> str:
-    core = results["core"]
-    base_tp = core["throughput"]["pytorch baseline"]["texts_per_s"]
-    base_lat = core["latency"]["pytorch baseline"]["p50_ms"]
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Generated by `make bench` on {time.strftime('%Y-%m-%d')} ({usable_cpus()} usable CPUs, "
-        f"{threads} threads for every contender, {n_texts} natural-language texts from shared/data/texts.txt).",
-        "The machine is shared and noisy: every row is measured in the same run, interleaved, and the "
-        "ratio column is the figure to read.",
-        "",
-        "## Embedding throughput (all-minilm-l6-v2, whole corpus per call)",
-        "",
-        "| contender | texts/s (median) | vs baseline |",
-        "| --- | ---: | ---: |",
-    ]
-    for name, r in core["throughput"].items():
-        lines.append(f"| {name} | {r['texts_per_s']:.0f} | {r['texts_per_s'] / base_tp:.2f}x |")
-    lines += ["", "## Single-text latency (in process)", "", "| contender | p50 ms | p99 ms | p50 speed-up |"]
-    lines.append("| --- | ---: | ---: | ---: |")
-    for name, r in core["latency"].items():
-        lines.append(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {base_lat / r['p50_ms']:.1f}x |")
-    cold = results.get("cold_start")
-    if cold:
-        base_cold = cold["pytorch baseline (from local disk)"]["median_s"]
-        lines += [
-            "",
-            "## Cold start (fresh process until its first embedding)",
-            "",
-            "Ours includes fetching the int8 model and tokenizer from the models bucket (moto's server), "
-            "checking their sha256 and building the session; the baseline loads the checkpoint from local disk.",
-            "",
-            "| contender | median s | max s | runs | baseline / this |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for name, r in cold.items():
-            lines.append(
-                f"| {name} | {r['median_s']:.3f} | {r['max_s']:.3f} | {r['runs']} | {base_cold / r['median_s']:.1f}x |"
-            )
-    for extra in results.get("sections", []):
-        lines += ["", extra.rstrip()]
-    lines += ["", "![benchmarks](benchmarks.png)", ""]
-    return "\n".join(lines)
+def path_results(paths: list[str], quick: bool) -> tuple[list[str], dict[str, Any]]:
+    """The three ways in, end to end on the local stack: markdown sections and, for api and batch, numbers.
 
-
-def plot(results: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    core = results["core"]
-    fig, axes = plt.subplots(1, 3 if results.get("cold_start") else 2, figsize=(13, 4))
-    names = list(core["throughput"])
-    axes[0].bar(names, [core["throughput"][n]["texts_per_s"] for n in names], color=["#2a7", "#5b9", "#c55"])
-    axes[0].set_title("throughput (texts/s, higher is better)")
-    axes[1].bar(names, [core["latency"][n]["p50_ms"] for n in names], color=["#2a7", "#5b9", "#c55"])
-    axes[1].set_title("single-text p50 latency (ms, lower is better)")
-    if results.get("cold_start"):
-        cold = results["cold_start"]
-        axes[2].bar(["sif int8", "pytorch"], [v["median_s"] for v in cold.values()], color=["#2a7", "#c55"])
-        axes[2].set_title("cold start to first embedding (s)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-
-
-def path_sections(paths: list[str], quick: bool) -> list[str]:
-    """The three ways in, end to end on the local stack. Each runs in its own process: an in-process
-    emulator keeps moto's state in module globals, so two stacks in one process would collide."""
+    Each runs in its own process: an in-process emulator keeps moto's state in module globals, so two
+    stacks in one process would collide."""
     commands = {
         "api": ["sif_local.bench_api", *(["--quick"] if quick else [])],
         "batch": ["sif_local.bench_batch", *(["--rows", "2000", "--runs", "1", "--rss-gb", "0.1"] if quick else [])],
         "jobs": ["sif_local.bench_jobs", *(["--small-jobs", "10", "--big-rows", "2000"] if quick else [])],
     }
-    sections = []
+    sections, numbers = [], {}
     for path in paths:
+        print(f"==> end to end: {path}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / f"{path}.md"
-            subprocess.run([sys.executable, "-m", *commands[path], "--out", str(out)], check=True)
+            out, js = Path(tmp) / f"{path}.md", Path(tmp) / f"{path}.json"
+            extra = ["--json", str(js)] if path in ("api", "batch") else []
+            subprocess.run([sys.executable, "-m", *commands[path], "--out", str(out), *extra], check=True)
             sections.append(out.read_text())
-    return sections
+            if js.exists():
+                numbers[path] = json.loads(js.read_text())
+    return sections, numbers
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from sif_local.bench_report import plot, render
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("SIF_MODELS_DIR", ".cache/models")))
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 128 texts, one round, fewer samples")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds in process")
     parser.add_argument("--cold-runs", type=int, default=5)
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--no-peer", action="store_true", help="leave out the sentence-transformers ONNX peer")
+    parser.add_argument("--setup-peer", action="store_true", help="only build the peer venv and its export, then exit")
     parser.add_argument(
         "--paths",
         default="api,batch,jobs",
@@ -239,17 +258,41 @@ def main() -> None:
     args = parser.parse_args()
     from sif_modelbuild.minilm import checkpoint_dir
 
-    threads = usable_cpus()
     texts = load_texts()
+    rounds, latency_n, cold_runs = args.rounds, 300, args.cold_runs
+    if args.quick:
+        texts, rounds, latency_n, cold_runs = texts[:128], 1, 20, min(cold_runs, 2)
+    thread_counts = [t for t in (1, 2) if t <= usable_cpus()]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = checkpoint_dir(Path(tmp))
-        results: dict[str, Any] = {"threads": threads, "texts": len(texts)}
-        results["core"] = core_bench(args.models_dir, checkpoint, texts, threads, args.quick)
-        if not args.skip_cold:
-            results["cold_start"] = cold_start_bench(args.models_dir, checkpoint, threads, args.cold_runs)
-    results["sections"] = path_sections([p for p in args.paths.split(",") if p], args.quick)
+        peer = None if args.no_peer else PeerProcess(checkpoint)
+        try:
+            if args.setup_peer:
+                print(json.dumps({**(peer.setup if peer else {}), **(peer.info if peer else {})}, indent=2))
+                return
+            results: dict[str, Any] = {
+                "date": time.strftime("%Y-%m-%d"),
+                "cpus": usable_cpus(),
+                "cpu": cpu_description(),
+                "quick": args.quick,
+            }
+            if peer is not None:
+                results["peer"] = {**peer.setup, **peer.info}
+            base = Baseline(checkpoint, max(thread_counts))
+            results["core"] = core_bench(args.models_dir, base, peer, texts, thread_counts, rounds, latency_n)
+            if peer is not None:
+                results["peer"]["session_threads"] = peer.session_threads
+            del base
+            if not args.skip_cold:
+                print("==> cold start", file=sys.stderr, flush=True)
+                results["cold_start"] = cold_start_bench(checkpoint, args.models_dir, peer, cold_runs)
+        finally:
+            if peer is not None:
+                peer.close()
+    sections, numbers = path_results([p for p in args.paths.split(",") if p], args.quick)
+    results.update(numbers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, threads, len(texts)))
+    args.out.write_text(render(results, sections))
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"))
     print(args.out.read_text())

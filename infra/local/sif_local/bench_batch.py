@@ -1,6 +1,6 @@
 """Batch scoring benchmark: end-to-end rows/s through the local stack, the PyTorch baseline, peak RSS.
 
-    python -m sif_local.bench_batch [--rows 10000] [--rss-gb 1.0] [--out docs/bench_batch.md]
+    python -m sif_local.bench_batch [--rows 10000] [--rss-gb 1.0] [--out docs/bench_batch.md] [--json numbers.json]
 
 1. End to end: a JSONL file of `rows` texts (shared/data/texts.txt, cycled) is put into the inbox
    with boto3; moto's notification, the SQS poller and the scorer function (its own process, the
@@ -327,8 +327,8 @@ def run_batch_bench(
     baseline_rows: int = 1000,
     rss_bytes: int = 1 << 30,
     threads: int | None = None,
-) -> str:
-    """Run the batch benchmarks and return them as a markdown section."""
+) -> dict[str, Any]:
+    """Run the batch benchmarks; `render(...)` makes the markdown section of the numbers."""
     from sif_inference.sessions import usable_cpus
 
     threads = threads or usable_cpus()
@@ -337,7 +337,7 @@ def run_batch_bench(
     results["serialisation"] = serialisation()
     if rss_bytes > 0:
         results["rss"] = peak_rss(rss_bytes, threads)
-    return render(results)
+    return results
 
 
 def run_note(run: dict[str, Any]) -> str:
@@ -398,14 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--baseline-rows", type=int, default=1000)
     parser.add_argument("--rss-gb", type=float, default=1.0, help="size of the peak-RSS file (0: skip)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here (and .json beside)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    text = run_batch_bench(
+    results = run_batch_bench(
         rows=args.rows, runs=args.runs, baseline_rows=args.baseline_rows, rss_bytes=int(args.rss_gb * (1 << 30))
     )
+    text = render(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -4,7 +4,8 @@ sif up [--background]               start the local stack in the foreground (Ctr
                                     the background (`sif down` stops it); its state is kept in .local
 sif down                            stop the local stack started in the background (saving its state)
 sif tenant create NAME [--monthly-calls N]   a new tenant on the running stack; prints its API key (and,
-                                    once, on stderr, its callback signing secret)
+                                    once, on stderr, its callback signing secret); a name already taken
+                                    is refused unless --allow-duplicate
 sif tenant rotate-callback-secret TENANT_ID   a new callback signing secret (printed once); the old one stops
 sif tenant list                     tenants: id, name, plan, quota, status, keys (never a key or hash)
 sif tenant keys TENANT_ID           a tenant's keys: public id, status, created, revoked
@@ -12,12 +13,15 @@ sif tenant add-key TENANT_ID        one more key for the tenant; prints it
 sif tenant revoke-key TENANT_ID KEY_ID_OR_HASH_PREFIX   revoke one key
 sif tenant rotate-key TENANT_ID [KEY_ID]   a new key; the old one (default: every active one) revoked
 sif tenant disable|enable TENANT_ID no key of the tenant may call, nothing is billed to it / again
-sif env                             shell exports for talking to the running stack's emulator
+sif env                             shell exports for the running stack: API URL, demo key and tenant id,
+                                    the emulator's endpoint and dummy credentials, bucket/queue names
 sif jobs redrive [--max N]          move dead-lettered job messages back to the jobs queue
 sif jobs list|status|cancel ...     your jobs, newest first; one job; cancel one (through the API)
-sif batches list|status|fetch|cancel ...   the same for batches; fetch downloads a batch's results
-sif score FILE --model M            upload a file as a batch, show its progress, download the results
+sif batches list|status|fetch|cancel ...   the same for batches; fetch waits for a batch, then downloads its results
+sif score FILE --model M [--no-wait]   upload a file as a batch, show its progress (rows), download the results
 sif usage [--from D] [--to D]       the caller's usage and cost
+sif callbacks listen [--port P] [--secret S] [--once]   a local receiver that prints (and checks) callbacks
+sif models publish|list|show|alias|retire ...   the operator's models (sif_local.models_cli)
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sif_local import score_cli, usage_cli, work_cli
+from sif_local import callbacks_cli, models_cli, score_cli, usage_cli, work_cli
 from sif_local.awsemu import PortInUseError, aws_client_env
 
 log = logging.getLogger("sif_local.cli")
@@ -75,7 +79,6 @@ def _print_banner(
     api: str, aws: str, key: str | None, model_names: list[str], stack_json: Path, *, pid: int | None = None
 ) -> None:
     models = ", ".join(model_names) or "none published"
-    q = shlex.quote
     lines = [
         "",
         "sif local stack is up" + (f" in the background (pid {pid})" if pid else ""),
@@ -86,8 +89,8 @@ def _print_banner(
         f"  stack file     {_display_path(stack_json)}",
         f"  local state    {_display_path(stack_json.parent)} (kept across restarts; `make clean` drops it)",
         "",
-        "Try:",
-        f"  export SIF_KEY={q(str(key))}",
+        "Try, in another terminal in this clone (the README's examples go on from there):",
+        '  source .venv/bin/activate && eval "$(sif env)"   # sif on PATH; SIF_API_URL, SIF_KEY (this demo key), ...',
         f"  curl -s {api}/health",
         f'  curl -s -H "Authorization: Bearer $SIF_KEY" {api}/v1/models',
         f'  curl -s -H "Authorization: Bearer $SIF_KEY" -H "Content-Type: application/json" \\\n'
@@ -95,7 +98,7 @@ def _print_banner(
         f'  curl -s -H "x-api-key: $SIF_KEY" -H "Content-Type: application/json" \\\n'
         f'       -d \'{{"instances": ["a sentence to embed"]}}\' {api}/v1/models/all-minilm-l6-v2/predict',
         f'  curl -s -H "Authorization: Bearer $SIF_KEY" {api}/v1/usage',
-        "  sif tenant create acme --monthly-calls 10000",
+        "  sif tenant create my-team --monthly-calls 10000   # a tenant of your own: prints its API key",
         "",
         "`make down` (sif down) stops it." if pid else "Ctrl-C (or SIGTERM) stops everything.",
         "",
@@ -142,7 +145,7 @@ def _up_in_background(args: argparse.Namespace) -> int:
     if args.no_models:
         up_args.append("--no-models")
     try:
-        info = start_background(up_args, state_dir)
+        info = start_background(up_args, state_dir, progress=sys.stderr)
     except (StackAlreadyRunning, BackgroundStartFailed) as exc:
         return _error(str(exc))
     models = [f"{m['name']}@{m['version']}" for m in info.get("models", [])]
@@ -157,7 +160,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     state_dir = Path(args.state_dir or DEFAULT_STATE_DIR)
     try:
-        pid = stop_background(state_dir, timeout_s=args.timeout)
+        pid = stop_background(state_dir, timeout_s=args.timeout, progress=sys.stderr)
     except TimeoutError as exc:
         return _error(str(exc))
     if pid is None:
@@ -179,7 +182,7 @@ def _stack_clients(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from sif_core.tenants import create_tenant, new_callback_secret
+    from sif_core.tenants import DELETED, create_tenant, list_tenants, new_callback_secret
 
     try:
         info, (session, endpoint) = _stack_clients(args)
@@ -191,6 +194,17 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
     kwargs = {} if args.monthly_calls is None else {"monthly_calls": args.monthly_calls}
     callback_secret = new_callback_secret()
     try:
+        if not args.allow_duplicate:  # a second "acme" is almost always a mistake (a re-run script)
+            same = [
+                line.tenant.tenant_id
+                for line in list_tenants(table)
+                if line.tenant.name == args.name and line.tenant.status != DELETED
+            ]
+            if same:
+                return _error(
+                    f"a tenant named {args.name!r} already exists ({', '.join(same)}); `sif tenant add-key "
+                    f"{same[0]}` gives it another key, --allow-duplicate creates a second tenant of that name"
+                )
         tenant, api_key = create_tenant(table, args.name, callback_secret=callback_secret, **kwargs)
     except (BotoCoreError, ClientError) as exc:
         return _error(f"the local stack at {endpoint} did not accept the tenant ({exc}); is `sif up` running?")
@@ -357,6 +371,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     env["SIF_API_URL"] = info["api_url"]
     if info.get("demo_api_key"):
         env["SIF_KEY"] = info["demo_api_key"]
+    if (info.get("demo_tenant") or {}).get("tenant_id"):
+        env["SIF_TENANT"] = info["demo_tenant"]["tenant_id"]  # the demo key's tenant: its inbox prefix
     for key, value in env.items():
         print(f"export {key}={shlex.quote(str(value))}")
     return EXIT_OK
@@ -423,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="monthly quota in units: one input (text, image, file row) each; 0 = unlimited",
     )
+    create.add_argument("--allow-duplicate", action="store_true", help="create it even if a tenant of that name exists")
     create.set_defaults(func=cmd_tenant_create)
     rotate_secret = tenant_sub.add_parser(
         "rotate-callback-secret", help="a new callback signing secret for a tenant (printed once); the old one stops"
@@ -475,9 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
     score_cli.add_arguments(score)
     score.set_defaults(func=score_cli.cmd_score)
 
+    callbacks = sub.add_parser("callbacks", help="a local receiver for job and batch callbacks")
+    callbacks_sub = callbacks.add_subparsers(dest="callbacks_command", required=True, metavar="ACTION")
+    listen = callbacks_sub.add_parser("listen", help="print (and check the signature of) each callback received")
+    callbacks_cli.add_arguments(listen)
+    listen.set_defaults(func=callbacks_cli.cmd_listen)
+
     usage = sub.add_parser("usage", help="the caller's usage and cost (GET /v1/usage)")
     usage_cli.add_arguments(usage)
     usage.set_defaults(func=usage_cli.cmd_usage)
+    models_cli.add_parser(sub)
     return parser
 
 

@@ -10,6 +10,9 @@ $SIF_KEY, else the running local stack's stack.json (its demo tenant).
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
+import io
 import json
 import os
 import shutil
@@ -17,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,34 +89,118 @@ def _download(url: str, target: Path) -> None:
     tmp.replace(target)
 
 
+# ---------------------------------------------------------------------- rows
+def count_rows(path: Path, fmt: str) -> int | None:
+    """The rows the scorer will read from `path` (blank lines are not rows; a CSV's header is not),
+    counted locally so the progress bar can move by rows; None when the file cannot be read so."""
+    try:
+        with gzip.open(path, "rb") if fmt.endswith(".gz") else open(path, "rb") as raw:
+            if fmt.startswith("jsonl"):
+                return sum(1 for line in raw if line.strip())
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+            records = (r for r in csv.reader(text) if r and any(c.strip() for c in r))
+            return max(sum(1 for _ in records) - 1, 0)  # the first record is the header
+    except (OSError, EOFError, zlib.error, csv.Error):
+        return None  # the scorer will say what is wrong with it; the bar falls back to the API's progress
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 # ---------------------------------------------------------------------- progress
 class ProgressBar:
-    def __init__(self, stream: IO[str]) -> None:
+    """One line: rows done / total, rate and ETA. It moves by rows (the total counted locally, when
+    known; else the API's byte fraction) and reads 100 % only once the batch has ended."""
+
+    def __init__(self, stream: IO[str], total: int | None = None) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.total = total
         self.last = ""
         self.last_print = 0.0
+        self.started: tuple[float, int] | None = None  # (when, rows) at the first poll of a running batch
+        self.moved: tuple[float, int] | None = None  # (when, rows) at the last poll where rows moved
+
+    def _rate(self, rows: int, now: float) -> float | None:
+        """Rows per second between the start and the last time the count moved: the scorer reports
+        rows a window at a time, so time since then is not yet counted against the rate."""
+        if self.started is None:
+            return None
+        if self.moved is None or rows != self.moved[1]:
+            self.moved = (now, rows)
+        (since, rows0), (when, moved_rows) = self.started, self.moved
+        return (moved_rows - rows0) / (when - since) if when - since >= 1 and moved_rows > rows0 else None
+
+    def render(self, status: dict[str, Any], now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        state = str(status.get("status"))
+        rows = int(status.get("rows") or 0)
+        if self.started is None and (state == "running" or rows):
+            self.started = (now, rows)
+        total = self.total
+        if state == "succeeded":
+            total = max(total or 0, rows)  # the scorer's count is the truth once it is done
+            fraction = 1.0
+        elif total:
+            fraction = min(rows / total, 0.999)
+        else:
+            fraction = min(float(status.get("progress") or 0.0), 0.999)
+        filled = round(fraction * BAR_WIDTH)
+        counts = f"{rows:,}/{total:,} rows" if total else f"{rows:,} rows"
+        parts = [f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction * 100:5.1f}%", counts]
+        rate = self._rate(rows, now)
+        if rate:
+            parts.append(f"{rate:,.0f} rows/s")
+            if total and state not in TERMINAL and self.moved is not None:
+                left = max(total - rows, 0) / rate - (now - self.moved[0])
+                parts.append(f"ETA {_duration(max(left, 1))}")
+        if self.started is not None and state in TERMINAL:
+            parts.append(f"in {_duration(now - self.started[0])}")
+        if status.get("failed"):
+            parts.append(f"{status['failed']:,} failed")
+        parts.append(state + (" (gpu)" if status.get("route") == "gpu" else ""))
+        return "  ".join(parts)
 
     def show(self, status: dict[str, Any]) -> None:
-        fraction = float(status.get("progress") or 0.0)
-        filled = round(fraction * BAR_WIDTH)
-        line = (
-            f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction * 100:5.1f}%  "
-            f"{status.get('rows', 0)} rows, {status.get('failed', 0)} failed  {status.get('status')}"
-            f"{' (gpu)' if status.get('route') == 'gpu' else ''}"
-        )
+        line = self.render(status)
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self.last)))
             self.stream.flush()
         elif line != self.last and (now - self.last_print >= 5 or status.get("status") in TERMINAL):
             self.stream.write(line + "\n")
+            self.stream.flush()
             self.last_print = now
         self.last = line
 
     def done(self) -> None:
         if self.tty and self.last:
             self.stream.write("\n")
+            self.stream.flush()
+
+
+def wait_for_batch(
+    url: str, key: str, batch_id: str, bar: ProgressBar, timeout_s: float, poll_s: float = POLL_S
+) -> dict[str, Any]:
+    """Poll GET /v1/batches/{id} until the batch has ended, showing `bar`; the last status."""
+    deadline = time.monotonic() + timeout_s
+    state: dict[str, Any] = {}
+    try:
+        while time.monotonic() < deadline:
+            state = _api("GET", f"{url}/v1/batches/{batch_id}", key)
+            bar.show(state)
+            if state.get("status") in TERMINAL:
+                return state
+            time.sleep(poll_s)
+    finally:
+        bar.done()
+    raise ScoreError(f"batch {batch_id} did not finish within {timeout_s:.0f} s (last: {state.get('status')})")
 
 
 # ---------------------------------------------------------------------- the command
@@ -139,31 +227,22 @@ def score(args: argparse.Namespace, *, err: IO[str] | None = None) -> dict[str, 
     if fmt is None:
         raise ScoreError(f"{path.name}: expected a .jsonl or .csv file, optionally .gz")
     url, key = resolve_api(args)
+    size = path.stat().st_size
+    if size > 64 << 20:
+        print(f"counting the rows of {path.name} ({size / 1e6:,.0f} MB) ...", file=err, flush=True)
+    total = count_rows(path, fmt)
     batch = _api(
         "POST", f"{url}/v1/batches", key, {"model": args.model, "format": fmt, "accelerator": args.accelerator}
     )
-    size = path.stat().st_size
-    print(f"batch {batch['id']}: uploading {path.name} ({size} bytes)", file=err)
+    rows = "" if total is None else f"{total:,} rows, "
+    print(f"batch {batch['id']}: uploading {path.name} ({rows}{size:,} bytes)", file=err, flush=True)
     with open(path, "rb") as fh:
         status, raw = _request("PUT", batch["upload_url"], data=fh, size=size)
     if status >= 300:
         raise ScoreError(f"upload failed with {status}: {raw[:300]!r}")
     if args.no_wait:
         return {"id": batch["id"], "status": "queued"}
-    bar = ProgressBar(err)
-    deadline = time.monotonic() + args.timeout
-    state: dict[str, Any] = {}
-    try:
-        while time.monotonic() < deadline:
-            state = _api("GET", f"{url}/v1/batches/{batch['id']}", key)
-            bar.show(state)
-            if state.get("status") in TERMINAL:
-                break
-            time.sleep(POLL_S)
-        else:
-            raise ScoreError(f"batch {batch['id']} did not finish within {args.timeout:.0f} s (last: {state})")
-    finally:
-        bar.done()
+    state = wait_for_batch(url, key, batch["id"], ProgressBar(err, total), args.timeout)
     # Each run gets its own folder: FILE.results/{batch id}/ (the file's full name, so reviews.csv and
     # reviews.jsonl never share one, and a second run never overwrites the first).
     out: Path = args.out or path.with_name(path.name + ".results") / str(batch["id"])
@@ -192,7 +271,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"sif score: batch {state['id']} failed: {state.get('error')}", file=sys.stderr)
         return 1
     print(
-        f"batch {state['id']}: {state['rows']} rows, {state['succeeded']} scored, {state['failed']} failed "
+        f"batch {state['id']}: {state['rows']:,} rows, {state['succeeded']:,} scored, {state['failed']:,} failed "
         f"(route {state['route']}); results in {state['out']}",
         file=sys.stderr,
     )

@@ -20,16 +20,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", default=None, help="API key (default: $SIF_KEY or the local stack's demo key)")
 
 
+COLUMNS = ("calls", "inputs", "tokens", "pixels", "compute_ms", "cost_usd")
+COST_DECIMALS = 8  # a text costs fractions of a cent: fixed decimals, never 4.132e-05
+
+
+def _cell(column: str, value: Any) -> str:
+    if column == "cost_usd":
+        return f"{float(value or 0):>14.{COST_DECIMALS}f}"
+    return f"{int(value or 0):>12}"
+
+
 def render(usage: dict[str, Any]) -> str:
-    cols = ("calls", "inputs", "tokens", "compute_ms", "cost_usd")
     period = usage.get("period", {})
     lines = [f"tenant {usage.get('tenant')}  {period.get('from')} .. {period.get('to')}", ""]
-    header = f"{'model':<20} {'day':<10} " + " ".join(f"{c:>12}" for c in cols)
+    header = f"{'model':<20} {'day':<10} " + " ".join(f"{c:>14}" if c == "cost_usd" else f"{c:>12}" for c in COLUMNS)
     lines += [header, "-" * len(header)]
     for row in usage.get("by_model_day", []):
-        lines.append(f"{row['model']:<20} {row['day']:<10} " + " ".join(f"{row.get(c, 0):>12}" for c in cols))
+        lines.append(f"{row['model']:<20} {row['day']:<10} " + " ".join(_cell(c, row.get(c)) for c in COLUMNS))
     total = usage.get("total", {})
-    lines.append(f"{'total':<31} " + " ".join(f"{total.get(c, 0):>12}" for c in cols))
+    lines.append(f"{'total':<31} " + " ".join(_cell(c, total.get(c)) for c in COLUMNS))
     return "\n".join(lines)
 
 

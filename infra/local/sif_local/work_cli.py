@@ -6,7 +6,8 @@ stack.json (its demo tenant). Tables by default, the API's own JSON with --json.
 
 sif batches list [--status S] [--limit N] [--after CURSOR]     newest first
 sif batches status ID
-sif batches fetch ID [--out DIR]       predictions.jsonl, errors.jsonl, manifest.json via the presigned URLs
+sif batches fetch ID [--out DIR]       waits for the batch to end (with a progress bar), then saves its
+                                       predictions.jsonl, errors.jsonl, manifest.json via the presigned URLs
 sif batches cancel ID
 sif jobs list|status|cancel ...        the same for jobs
 """
@@ -21,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sif_local.score_cli import ScoreError, _api, _download, resolve_api
+from sif_core.work import TERMINAL
+from sif_local.score_cli import ProgressBar, ScoreError, _api, _download, resolve_api, wait_for_batch
 
 Kind = Literal["batch", "job"]
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
@@ -58,9 +60,11 @@ def add_actions(sub: Any, kind: Kind) -> None:
     cancel.set_defaults(func=cmd_cancel, kind=kind)
 
     if kind == "batch":
-        fetch = sub.add_parser("fetch", help="download a batch's predictions, errors and manifest")
+        fetch = sub.add_parser("fetch", help="wait for a batch to end, then download its predictions, errors, manifest")
         fetch.add_argument("id")
         fetch.add_argument("--out", type=Path, default=None, help="where the files go (default: ./ID/)")
+        fetch.add_argument("--no-wait", action="store_true", help="do not wait for a batch that has not ended")
+        fetch.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the batch")
         _common(fetch)
         fetch.set_defaults(func=cmd_fetch, kind=kind)
 
@@ -155,6 +159,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     def call(api: str, key: str) -> int:
         item = _api("GET", _url(api, args.kind, args.id), key)
+        if item.get("status") not in TERMINAL and not args.no_wait:
+            print(f"batch {item['id']} is {item.get('status')}: waiting for it to end", file=sys.stderr, flush=True)
+            item = wait_for_batch(api, key, item["id"], ProgressBar(sys.stderr), args.timeout)
         present = [(field, name) for field, name in BATCH_FILES if item.get(field)]
         if not present:
             raise ScoreError(f"batch {args.id} is {item.get('status')}: it has no results yet")
