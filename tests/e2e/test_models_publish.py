@@ -9,6 +9,7 @@ a broken model must leave the bucket exactly as it was.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import requests
 
 from sif_local.cli import main as sif
 from sif_local.stack import LocalStack
@@ -176,3 +178,81 @@ def test_private_model_is_listed_for_its_tenant_only(
     ApiClient.error(other.post("/v1/models/byom-private/predict", instance), 404)
     code, out, _ = models("list", "--tenant", other.tenant_id, "--json", capsys=capsys)
     assert code == 0 and "byom-private" not in {m["name"] for m in json.loads(out)}
+
+
+def _wait(client: ApiClient, path: str, done: tuple[str, ...] = ("succeeded", "failed"), timeout_s: float = 180) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.get(path).json()
+        if state["status"] in done:
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"{path} did not end")
+
+
+def test_a_published_model_gives_onnxruntime_values_on_every_path(
+    built: dict[str, Path], models: Any, client: ApiClient, local_stack: LocalStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """predict, TF-Serving's :predict forms, KServe v2 infer, a CSV batch file and a job: the same values
+    as onnxruntime run directly on the same rows."""
+    from sif_local.pollers import start_pollers
+
+    name = "byom-paths"
+    assert models("publish", str(built["tabular"]), "--name", name, capsys=capsys)[0] == 0
+    labels, probs = ort.InferenceSession(str(built["tabular"]), providers=["CPUExecutionProvider"]).run(
+        ["label", "probabilities"], factory.tabular_feed(ROWS)
+    )
+
+    def check(predictions: list[dict[str, Any]], path: str) -> None:
+        assert len(predictions) == len(ROWS), path
+        for i, prediction in enumerate(predictions):
+            assert str(prediction["label"]) == str(labels[i]), path
+            got = [prediction["probabilities"][str(k)] for k in range(3)]
+            assert np.allclose(got, probs[i], rtol=1e-6, atol=1e-7), path
+
+    for path in (f"/v1/models/{name}/predict", f"/v1/models/{name}:predict", f"/v1/models/{name}/versions/1:predict"):
+        resp = client.post(path, {"instances": ROWS})
+        assert resp.status_code == 200, (path, resp.text)
+        check(resp.json()["predictions"], path)
+
+    # KServe v2: the graph's own typed tensors ([N, 1] per column), straight through it
+    inputs = [
+        {"name": n, "shape": [len(ROWS), 1], "datatype": "FP32", "data": [r[n] for r in ROWS]}
+        for n in ("age", "monthly_spend")
+    ] + [
+        {"name": n, "shape": [len(ROWS), 1], "datatype": "BYTES", "data": [r[n] for r in ROWS]}
+        for n in ("plan", "region")
+    ]
+    resp = client.post(f"/v2/models/{name}/infer", {"inputs": inputs})
+    assert resp.status_code == 200, resp.text
+    outputs = {o["name"]: o for o in resp.json()["outputs"]}
+    assert [str(v) for v in outputs["label"]["data"]] == [str(v) for v in labels]
+    assert outputs["probabilities"]["shape"] == [len(ROWS), 3]
+    assert np.allclose(np.asarray(outputs["probabilities"]["data"]).reshape(-1, 3), probs, rtol=1e-6, atol=1e-7)
+
+    pollers = start_pollers(local_stack, functions=["WorkerFunction", "ScorerFunction"])
+    try:
+        # a CSV batch file: columns mapped to the features by name (in another order than the graph's)
+        batch = client.post("/v1/batches", {"model": name, "format": "csv"})
+        assert batch.status_code == 201, batch.text
+        csv = "region,plan,id,monthly_spend,age\n" + "".join(
+            f"{r['region']},{r['plan']},r{i},{r['monthly_spend']},{r['age']}\n" for i, r in enumerate(ROWS)
+        )
+        assert requests.put(batch.json()["upload_url"], data=csv.encode(), timeout=60).status_code == 200
+        state = _wait(client, f"/v1/batches/{batch.json()['id']}")
+        assert (state["status"], state["succeeded"], state["failed"]) == ("succeeded", len(ROWS), 0), state
+        lines = [json.loads(line) for line in requests.get(state["result_url"], timeout=60).text.splitlines()]
+        assert [line["id"] for line in lines] == [f"r{i}" for i in range(len(ROWS))]
+        check([line["prediction"] for line in lines], "csv batch")
+
+        # a job of inline instances (the bare feature objects predict takes)
+        job = client.post("/v1/jobs", {"model": name, "input": {"instances": ROWS}})
+        assert job.status_code == 202, job.text
+        state = _wait(client, f"/v1/jobs/{job.json()['id']}")
+        assert state["status"] == "succeeded", state
+        lines = [json.loads(line) for line in requests.get(state["output_url"], timeout=60).text.splitlines()]
+        assert [line["id"] for line in lines] == list(range(len(ROWS)))
+        check([line["prediction"] for line in lines], "job")
+    finally:
+        for poller in reversed(pollers):
+            poller.stop()

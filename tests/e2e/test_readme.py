@@ -70,6 +70,19 @@ CHECKS = {
         r"saved predictions\.jsonl, errors\.jsonl, manifest\.json in rows-results",
     ],
     "sif callbacks listen": [r"callback /hook job\.succeeded \(signature ok\)"],
+    "sif models publish wine.onnx": [
+        r"published wine version 1",
+        r'"label":\s*"barolo"',
+        r"published wine version 2",
+        r"wine: latest -> 2",
+        r"(?m)^wine\s+2\s+2\s+tabular\s+public\s+latest=2$",
+    ],
+    "$API/v2/models/all-minilm-l6-v2/infer": [
+        r'"name":\s*"sentence_embedding",\s*"shape":\s*\[2,\s*384\],\s*"datatype":\s*"FP32"',
+        r'"model_version":\s*"2"',
+        r"(?im)^x-sif-model-sha256: [0-9a-f]{64}",
+    ],
+    "client.batches.create": [r"completed BatchRequestCounts\(completed=3, failed=0, total=3\)", r"(?m)^req-0 384$"],
 }
 
 

@@ -85,6 +85,22 @@ def test_a_warm_registry_sees_an_alias_move_after_its_ttl(store: Path, tmp_path:
     assert cached.resolve(NAME).version == "1"  # until its ttl runs out
 
 
+def test_a_version_published_after_the_last_read_is_found_when_named(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sif_inference.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MISS_REFRESH_S", 0.0)
+    moved = shutil.move(str(store / NAME / "3"), str(tmp_path / "held-back"))
+    cached = registry(store, tmp_path, ttl=3600)
+    assert cached.resolve(NAME).version == "2"
+    shutil.move(moved, str(store / NAME / "3"))  # published while the registry is warm
+    assert cached.resolve(f"{NAME}@3").version == "3"  # named: re-read at once
+    assert cached.resolve(NAME).version == "3"  # the re-read index is the one every reference uses now
+    with pytest.raises(ModelNotFoundError):
+        cached.resolve(f"{NAME}@9")
+
+
 def test_a_private_model_is_unknown_to_other_tenants(store: Path, tmp_path: Path) -> None:
     path = store / NAME / "3" / "manifest.json"
     manifest = json.loads(path.read_text())

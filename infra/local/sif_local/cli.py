@@ -50,6 +50,8 @@ def _setup_logging(verbosity: int) -> None:
     if verbosity < 2:
         for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbosity < 1:  # `sif models publish` prints its own summary; the library's log line repeats it
+        logging.getLogger("sif_modelbuild").setLevel(logging.WARNING)
 
 
 def _error(message: str) -> int:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 # How long a warm process trusts what it read of a model's versions and aliases.
 INDEX_TTL_S = 30.0
+# A version or alias named explicitly and not (yet) known re-reads the model's index once it is this
+# old: one just published answers at once, and unknown names cost at most one listing per interval.
+MISS_REFRESH_S = 2.0
 # Tasks whose models take texts: a tokenizer, and on CPU one text per single-threaded run.
 TEXT_TASKS = ("embedding", "text-classification")
 
@@ -72,12 +75,13 @@ class ModelRegistry:
         return self.source.list_models()
 
     # ------------------------------------------------------------ versions and aliases
-    def versions(self, name: str) -> tuple[list[str], ModelIndex | None]:
-        """(published versions, the model's index), as of at most `index_ttl_s` ago: a warm process
-        sees an alias move or a new version within that time, without a redeploy."""
+    def versions(self, name: str, *, max_age_s: float | None = None) -> tuple[list[str], ModelIndex | None]:
+        """(published versions, the model's index), as of at most `index_ttl_s` (or `max_age_s`) ago: a
+        warm process sees an alias move or a new version within that time, without a redeploy."""
         now = time.monotonic()
         cached = self._indexes.get(name)
-        if cached is None or now - cached[0] >= self.index_ttl_s:
+        ttl = self.index_ttl_s if max_age_s is None else min(self.index_ttl_s, max_age_s)
+        if cached is None or now - cached[0] >= ttl:
             versions = self.source.list_versions(name)
             try:
                 index = self.source.read_index(name)
@@ -95,7 +99,14 @@ class ModelRegistry:
         another tenant is unknown (ModelNotFoundError), as if it did not exist."""
         parsed = ModelRef.parse(ref)
         versions, index = self.versions(parsed.name)
-        manifest = self.manifest(parsed.name, choose_version(parsed, versions, index, routing_key))
+        try:
+            version = choose_version(parsed, versions, index, routing_key)
+        except ModelNotFoundError:
+            if parsed.version is None and parsed.alias is None:
+                raise
+            versions, index = self.versions(parsed.name, max_age_s=MISS_REFRESH_S)  # published since?
+            version = choose_version(parsed, versions, index, routing_key)
+        manifest = self.manifest(parsed.name, version)
         if not manifest.visible_to(tenant):
             raise ModelNotFoundError(f"unknown model {parsed.name!r}")
         return manifest
