@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     # How long a warm process trusts what it read of a model's versions and aliases (an alias moved in
     # the models bucket serves within this time, without a redeploy).
     model_index_ttl_s: float = 30.0
+    # Models the API function loads at its cold start (comma-separated; "*": every published model).
+    # Any other model (a published one of yours) loads on its first call; warming hundreds of models
+    # would make every cold start pay for all of them.
+    warm_models: str = "all-minilm-l6-v2,open-nsfw"
     presign_ttl_s: int = 3600
     # Callbacks: queued by the lifecycle on the callbacks queue, delivered by the callback function.
     callbacks_queue_url: str = ""

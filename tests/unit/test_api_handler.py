@@ -8,6 +8,7 @@ import copy
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -286,3 +287,16 @@ def test_bad_inputs_are_4xx_not_500(invoke: Invoke) -> None:
     assert assert_error(invoke("api_embeddings", body=too_long), 413, "input_too_large")["message"].startswith(
         "input 1: text has 20001 characters"
     )
+
+
+def test_the_cold_start_warms_only_the_configured_models(handler: ModuleType, models_dir: Path, tmp_path: Path) -> None:
+    from sif_api import service
+    from sif_core.aws import client
+    from sif_inference import LocalDirSource, ModelRegistry
+    from sif_metering import UsageLedger
+
+    registry = ModelRegistry(LocalDirSource(models_dir), tmp_path / "cache")
+    api = service.ApiService(registry, UsageLedger(client("dynamodb"), "unused"))
+    assert api.warm("all-minilm-l6-v2, iris-species") == ["all-minilm-l6-v2", "iris-species"]
+    assert {key[0] for key in registry._loaded} == {"all-minilm-l6-v2", "iris-species"}
+    assert sorted(api.warm("*")) == sorted(registry.names())

@@ -28,6 +28,7 @@ from sif_api import (
     routes_v2,
     service,
 )
+from sif_core.settings import get_settings
 
 # Usage metrics go out per call through sif_metering (tenant and model dimensions); requests that
 # meter nothing (health, models, usage) leave this set empty, which is fine.
@@ -53,7 +54,7 @@ for module in (
 routes_meta.add_openapi(app, request_bodies={(routes_files.UPLOAD_PATH, "post"): routes_files.UPLOAD_REQUEST_BODY})
 errors.register(app, logger)
 
-service.get_service().warm()  # the cold start: every model loaded before the first request
+service.get_service().warm(get_settings().warm_models)  # the cold start: these models load before any request
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, clear_state=True)

@@ -113,14 +113,18 @@ class ApiService:
         ledger = UsageLedger(client("dynamodb"), settings.usage_table, tenants_table=settings.tenants_table or None)
         return cls(registry_from_settings(settings), ledger, quota=QuotaGate(ledger), usage_metrics=UsageMetrics())
 
-    def warm(self) -> list[str]:
-        """Load every model's default variant now (cold start), so no request pays for it.
+    def warm(self, wanted: str = "*") -> list[str]:
+        """Load the default variant of the `wanted` models (comma-separated names, "*" for all; the
+        setting `warm_models`) now, at the cold start, so no request pays for it.
 
         A model that fails to load is logged and skipped: its calls fail on their own (500),
         the other models keep serving.
         """
         loaded = []
         names = self.registry.names()
+        if wanted.strip() != "*":
+            listed = {n.strip() for n in wanted.split(",") if n.strip()}
+            names = [n for n in names if n in listed]
         for name in names:  # every model downloads in the background while the first sessions are built
             try:
                 self.registry.prefetch(name)
