@@ -152,6 +152,23 @@ def test_embeddings_base64(invoke: Invoke) -> None:
     assert vector.shape == (384,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-3
 
 
+def test_token_id_inputs_embed_as_the_text_they_stand_for(invoke: Invoke) -> None:
+    texts = {"model": MODEL, "input": ["hello world", "hello"]}
+    status, _, by_text = invoke("api_embeddings", body=texts)
+    assert status == 200
+    # bert-base-uncased ids: [CLS] hello world [SEP] and hello alone (special tokens or not)
+    for ids in ([[101, 7592, 2088, 102], [7592]], [[7592, 2088], [101, 7592, 102]]):
+        status, _, by_ids = invoke("api_embeddings", body={"model": MODEL, "input": ids})
+        assert status == 200, by_ids
+        assert [d["embedding"] for d in by_ids["data"]] == [d["embedding"] for d in by_text["data"]]
+        assert by_ids["usage"]["total_tokens"] == by_text["usage"]["total_tokens"]
+    status, _, one = invoke("api_embeddings", body={"model": MODEL, "input": [7592]})  # one input as a list of ids
+    assert status == 200 and one["data"][0]["embedding"] == by_text["data"][1]["embedding"]
+    assert_error(invoke("api_embeddings", body={"model": MODEL, "input": [[7592, 30522]]}), 400, "bad_request")
+    assert_error(invoke("api_embeddings", body={"model": MODEL, "input": [[101, 102]]}), 400, "bad_request")  # empty
+    assert_error(invoke("api_embeddings", body={"model": MODEL, "input": [[-1]]}), 422, "validation_error")
+
+
 def test_predict(invoke: Invoke) -> None:
     status, _, text = invoke("api_predict_text")
     assert status == 200 and np.array(text["predictions"]).shape == (2, 384)

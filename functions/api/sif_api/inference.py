@@ -32,6 +32,16 @@ def task_inputs(instances: list[str | ImageInstance | dict[str, Any]]) -> list[d
     ]
 
 
+def embedding_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[Any]:
+    """`input` of POST /v1/embeddings as the task takes it: a text or texts; token ids (one list of
+    integers, or a list of them) as `{"ids": [...]}` inputs, which the task reads in its vocabulary."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [{"ids": value}]
+    return [{"ids": v} if isinstance(v, list) else v for v in value]
+
+
 def prediction_body(task: Task, prediction: Any) -> Prediction:
     """One prediction as predict returns it: the task's JSON values, in the route's schema."""
     value = task.to_json(prediction)

@@ -128,13 +128,20 @@ class ModelList(BaseModel):
 
 
 # ---------------------------------------------------------------- embeddings (OpenAI-compatible)
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class EmbeddingsRequest(BaseModel):
     # The openai client may send fields we do not use (e.g. `user`); they are ignored.
     model_config = ConfigDict(extra="ignore")
 
     model: ModelName
-    input: Text | Annotated[list[Text], Field(min_length=1)] = Field(
-        description="one text or a list of texts", examples=[["The quick brown fox", "hello"]]
+    input: (
+        Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(
+        description="one text, a list of texts, or token ids (one input as a list of integers, or a list of "
+        "them, as OpenAI takes them): ids are read as the text they stand for in the model's vocabulary",
+        examples=[["The quick brown fox", "hello"]],
     )
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="base64: each vector as little-endian float32 bytes (the openai client default)"

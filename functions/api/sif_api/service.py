@@ -157,7 +157,7 @@ class ApiService:
         task = self.registry.task(manifest.name, served.variant, version=manifest.version, kind="embedding")
         if req.dimensions is not None and req.dimensions != manifest.output.dim:
             raise BadRequestError(f"model {req.model!r} has {manifest.output.dim} dimensions, not {req.dimensions}")
-        texts = [req.input] if isinstance(req.input, str) else req.input
+        texts = inference.embedding_inputs(req.input)
         result, usage = self._infer(caller, manifest, request_id, task, texts)
         vectors = [result.predictions[i] for i in range(len(texts))]
         if req.encoding_format == "base64":  # the raw float32 vector, as the openai client expects

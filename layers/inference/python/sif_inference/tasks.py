@@ -128,6 +128,8 @@ class TextTask(Task):
 
     def prepare(self, raw: Any) -> str:
         text = raw.get("text") if isinstance(raw, dict) else raw
+        if isinstance(raw, dict) and "ids" in raw and "text" not in raw:
+            text = self.text_of_ids(raw["ids"])
         if not isinstance(text, str):
             raise WrongTaskError(f"model {self.manifest.name!r} takes texts (strings), not {kind_of(raw)}")
         if not text:  # one rule for every path: the file reader refuses an empty field the same way
@@ -142,6 +144,14 @@ class TextTask(Task):
                 bad = f"U+{ord(text[exc.start]):04X} at character {exc.start}"
                 raise BadInputError(f"text is not valid Unicode (a lone surrogate, {bad})") from exc
         return self.clip(text)
+
+    def text_of_ids(self, ids: Any) -> str:
+        """Token ids (OpenAI's token-array input) as the text they stand for; then checked as any text."""
+        if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
+            raise BadInputError("ids must be a non-empty list of token ids (integers)")
+        if len(ids) > self.cut_chars:
+            raise InputLimitError(f"{len(ids)} token ids; the limit is {self.cut_chars}")
+        return self.runner.tokenizer.decode_ids(ids)
 
     def clip(self, text: str) -> str:
         """`text`, or a head of it that tokenizes to the same first max_length tokens.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from sif_inference.errors import InferenceError
+from sif_inference.errors import BadInputError, InferenceError
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class TextTokenizer:
         except Exception as exc:
             raise InferenceError(f"cannot load tokenizer: {exc}") from exc
         return cls(tok, max_length)
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        """The text token ids stand for (special tokens dropped), as OpenAI's token-array inputs are
+        read: the tokenizer's vocabulary bounds them (BadInputError outside it)."""
+        vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise BadInputError(f"token id {bad} is outside the tokenizer's vocabulary (0 to {vocab - 1})")
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def encode(self, texts: list[str]) -> list[Encoding]:
         return self._tok.encode_batch(texts)
