@@ -82,6 +82,13 @@ CHECKS = {
         r'"model_version":\s*"2"',
         r"(?im)^x-sif-model-sha256: [0-9a-f]{64}",
     ],
+    "--name my-topics": [
+        r"published my-embedder version 1",
+        r"published my-imagenet version 1",
+        r'"object":"list","data":\[\{"object":"embedding"',
+        r'"label":\s*"sports"',
+    ],
+    "sif models publish tiny.onnx": [r"task tensor", r'"predictions":\s*\[\{"y":\s*\[3\.0,\s*5\.0,\s*7\.0\]\}\]'],
     "client.batches.create": [r"completed BatchRequestCounts\(completed=3, failed=0, total=3\)", r"(?m)^req-0 384$"],
 }
 
