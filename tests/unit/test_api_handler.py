@@ -120,6 +120,28 @@ def test_openapi_and_docs(invoke: Invoke) -> None:
     assert status == 200 and headers["content-type"].startswith("text/html") and "swagger" in html.lower()
 
 
+def test_openapi_says_what_the_api_sends(invoke: Invoke) -> None:
+    _, _, spec = invoke("api_openapi")
+    paths = spec["paths"]
+    # every 422 is the API's own error body, and only where a parameter or a body can fail validation
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            bad = operation["responses"].get("422")
+            if bad is not None:
+                assert bad["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
+                assert operation.get("parameters") or "requestBody" in operation, (method, path)
+    assert "422" not in paths["/health"]["get"]["responses"] and "422" not in paths["/v1/models"]["get"]["responses"]
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    # a job's accepted and status bodies are documented, and a create links to its reads
+    created = paths["/v1/jobs"]["post"]["responses"]["202"]
+    assert "CreateJobResponse" in json.dumps(created["content"])
+    assert "JobStatusResponse" in json.dumps(paths["/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"])
+    link = created["links"]["GetJob"]
+    assert link["parameters"] == {"job_id": "$response.body#/id"}
+    assert link["operationRef"] == "#/paths/~1v1~1jobs~1{job_id}/get"
+    assert set(paths["/v1/files"]["post"]["responses"]["200"]["links"]) == {"GetFile", "GetFileContent", "DeleteFile"}
+
+
 def test_models(invoke: Invoke) -> None:
     status, _, body = invoke("api_list_models")
     assert status == 200

@@ -334,7 +334,7 @@ def get_jobs() -> JobsApi:
     ),
     tags=["jobs"],
     security=SECURITY,
-    responses=error_responses(400, 401, 404, 422, 429, 500),
+    responses=error_responses(400, 401, 404, 422, 429, 500, ok=202),
 )
 def create_job(
     body: Annotated[CreateJobRequest, Body()],
@@ -372,7 +372,7 @@ def list_jobs(
     description="Only the caller's own jobs: any other id is 404.",
     tags=["jobs"],
     security=SECURITY,
-    responses=error_responses(401, 404, 500),
+    responses=error_responses(401, 404, 500, ok=200),
 )
 def get_job(
     job_id: str,

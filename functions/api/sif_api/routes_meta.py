@@ -43,6 +43,61 @@ def base_path(app: APIGatewayRestResolver) -> str:
     return ""
 
 
+# What a create returns names what to read, cancel or delete next (OpenAPI links: readers and
+# schemathesis' stateful phase follow them): (path, method, status) -> {link: (path, method, parameter)}.
+LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str]]] = {
+    ("/v1/jobs", "post", "202"): {
+        "GetJob": ("/v1/jobs/{job_id}", "get", "job_id"),
+        "CancelJob": ("/v1/jobs/{job_id}/cancel", "post", "job_id"),
+    },
+    ("/v1/batches", "post", "201"): {
+        "GetBatch": ("/v1/batches/{batch_id}", "get", "batch_id"),
+        "CancelBatch": ("/v1/batches/{batch_id}/cancel", "post", "batch_id"),
+    },
+    ("/v1/files", "post", "200"): {
+        "GetFile": ("/v1/files/{file_id}", "get", "file_id"),
+        "GetFileContent": ("/v1/files/{file_id}/content", "get", "file_id"),
+        "DeleteFile": ("/v1/files/{file_id}", "delete", "file_id"),
+    },
+}
+
+
+def finish_document(spec: dict[str, Any]) -> None:
+    """What the generated document cannot know: a 422 is the API's one error body (powertools lists its
+    own `{"detail": [...]}` shape, which this API never sends), and only where something can fail
+    validation (a parameter or a body); the links between a create and its reads."""
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if operation.get("security") and "400" not in responses:  # keys that disagree (see sif_api.caller)
+                responses["400"] = {
+                    "description": "bad request (e.g. a Bearer key and an x-api-key that disagree)",
+                    "content": error_body,
+                }
+            if "422" not in responses:
+                continue
+            if not operation.get("parameters") and "requestBody" not in operation:
+                del responses["422"]
+            else:
+                responses["422"] = {"description": "the body or the query does not validate", "content": error_body}
+    schemas = spec.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused in schemas and f"#/components/schemas/{unused}" not in json.dumps(spec.get("paths", {})):
+            del schemas[unused]
+    for (path, method, status), links in LINKS.items():
+        response = spec.get("paths", {}).get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is None:
+            continue
+        response["links"] = {
+            name: {
+                "operationRef": "#/paths/" + target.replace("~", "~0").replace("/", "~1") + "/" + verb,
+                "parameters": {parameter: "$response.body#/id"},
+            }
+            for name, (target, verb, parameter) in links.items()
+        }
+
+
 def add_openapi(
     app: APIGatewayRestResolver, *, request_bodies: Mapping[tuple[str, str], dict[str, Any]] | None = None
 ) -> None:
@@ -60,11 +115,10 @@ def add_openapi(
             servers=[Server(url=base or "/")],
             security_schemes=SECURITY_SCHEMES,
         )
-        if not request_bodies:
-            return text
         spec = json.loads(text)
-        for (path, method), body in request_bodies.items():
+        for (path, method), body in (request_bodies or {}).items():
             spec["paths"][path][method]["requestBody"] = body
+        finish_document(spec)
         return json.dumps(spec)
 
     @app.get("/openapi.json", include_in_schema=False)
