@@ -69,7 +69,8 @@ def test_model_limits_are_413(client: ApiClient) -> None:
         {},
         {"model": MODEL},
         {"model": MODEL, "input": []},
-        {"model": MODEL, "input": [1, 2]},
+        {"model": MODEL, "input": [1.5, 2]},  # token ids are integers ([1, 2] is one input of two ids)
+        {"model": MODEL, "input": [[101, 7592], "text"]},
         {"model": MODEL, "input": "x", "encoding_format": "hex"},
         {"model": "", "input": "x"},
     ],
