@@ -15,9 +15,9 @@ export MPLCONFIGDIR := $(abspath .cache/mpl)
 
 .PHONY: up down test venv models lint typecheck cfn-lint unit integration e2e package bench deploy clean
 
-# pip's output condensed to a status line (infra/local/sif_local/pip_progress.py); all of it goes to .venv/pip.log.
+# pip's output condensed to a status line (infra/tools/sif_tools/pip_progress.py); all of it goes to .venv/pip.log.
 PIP_INSTALL := $(BIN)/python -m pip install --progress-bar raw
-PIP_SHOW := 2>&1 | $(BIN)/python infra/local/sif_local/pip_progress.py $(VENV)/pip.log
+PIP_SHOW := 2>&1 | $(BIN)/python infra/tools/sif_tools/pip_progress.py $(VENV)/pip.log
 $(STAMP): pyproject.toml requirements/runtime-base.txt requirements/runtime-ml.txt requirements/runtime.txt requirements/dev.txt
 	@echo "==> installing Python packages into $(VENV) (3-5 min on a cold machine; pip's log: $(VENV)/pip.log)"
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,9 +43,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	@echo "==> type-checking (mypy)"
 	$(BIN)/mypy layers/inference/python/sif_inference layers/metering/python/sif_metering shared/sif_core \
-	  infra/local/sif_local infra/gpu_worker/sif_gpu_worker infra/models/sif_modelbuild functions/api/sif_api \
-	  functions/authorizer/sif_authorizer functions/scorer/sif_scorer functions/worker/sif_worker \
-	  functions/callbacks/sif_callbacks
+	  functions/api/sif_api functions/authorizer/sif_authorizer functions/scorer/sif_scorer functions/worker/sif_worker \
+	  functions/callbacks/sif_callbacks functions/gpu_worker/sif_gpu_worker \
+	  infra/local/sif_emulator infra/local/sif_cli infra/tools/sif_tools infra/tools/sif_modelbuild infra/bench/sif_bench
 
 cfn-lint: $(STAMP)
 	@echo "==> checking template.yaml (cfn-lint)"
@@ -69,15 +69,15 @@ down:
 PY312 := $(firstword $(foreach p,$(shell command -v python3.12) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
   $(if $(shell $(p) -c 'import sys; print(sys.version_info[:2] == (3, 12))' 2>/dev/null | grep True),$(p))))
 package: $(STAMP)
-	$(BIN)/python -m sif_local.package --out build/package $(if $(PY312),--compile-with $(PY312) --check-with $(PY312))
+	$(BIN)/python -m sif_tools.package --out build/package $(if $(PY312),--compile-with $(PY312) --check-with $(PY312))
 
 # The strong peer (sentence-transformers' ONNX int8 export) needs transformers<4.58: it gets its own
 # venv, .cache/peer-venv, built on first use. `make bench BENCH_ARGS=--quick` is a smoke run.
 bench: $(STAMP) models
 	@echo "==> bench: peer venv (.cache/peer-venv) and its int8 export (.cache/peer-models), built once"
-	$(BIN)/python -m sif_local.bench --setup-peer
+	$(BIN)/python -m sif_bench --setup-peer
 	@echo "==> bench: measuring (writes docs/benchmarks.md, .json, .png)"
-	$(BIN)/python -m sif_local.bench --out docs/benchmarks.md $(BENCH_ARGS)
+	$(BIN)/python -m sif_bench --out docs/benchmarks.md $(BENCH_ARGS)
 
 deploy: package
 	sam build && sam deploy --guided

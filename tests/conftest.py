@@ -7,23 +7,33 @@
   temporary state dir (a running `make up` is never touched).
 - `lambda_env` (function): os.environ as a function of the template sees it locally.
 - `load_event(name)`: events/<name>.json as a dict.
+- `models_dir`, `registry` (session): the built models and a registry over them, no AWS involved;
+  `minilm_reference`, `nsfw_reference`: the reference vectors and scores in tests/data.
+
+The emulator is imported inside the fixtures that start it, so unit tests, which never ask for them,
+run without loading any emulator code (tests/unit/test_layout.py checks their imports).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sif_local.awsemu import AwsEmulator, aws_client_env
-from sif_local.stack import LocalStack, models_dir_from_env
+from sif_inference import LocalDirSource, ModelRegistry
+
+if TYPE_CHECKING:
+    from sif_emulator.moto_server import AwsEmulator
+    from sif_emulator.stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS_DIR = REPO / "events"
 TEMPLATE = REPO / "template.yaml"
+DATA = REPO / "tests" / "data"
 
 
 def load_event(name: str) -> dict[str, Any]:
@@ -40,6 +50,8 @@ def _load_event_fixture() -> Any:
 
 @pytest.fixture(scope="session")
 def aws_server() -> Iterator[AwsEmulator]:
+    from sif_emulator.moto_server import AwsEmulator, aws_client_env
+
     emulator = AwsEmulator(port=0).start()
     patch = pytest.MonkeyPatch()
     for key, value in aws_client_env(emulator.endpoint_url).items():
@@ -54,6 +66,8 @@ def aws_server() -> Iterator[AwsEmulator]:
 
 @pytest.fixture(scope="session")
 def local_stack(aws_server: AwsEmulator, tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    from sif_emulator.stack import LocalStack, models_dir_from_env
+
     stack = LocalStack(
         aws_server.endpoint_url,
         template_path=TEMPLATE,
@@ -85,3 +99,26 @@ def lambda_env(local_stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Iter
     _clear_settings_cache()  # settings are read once per process
     yield env
     _clear_settings_cache()
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    path = Path(os.environ.get("SIF_MODELS_DIR", REPO / ".cache" / "models"))
+    if not (path / "all-minilm-l6-v2").is_dir():
+        pytest.fail(f"models are not built in {path}: run `make models` first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def registry(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    return ModelRegistry(LocalDirSource(models_dir), tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def minilm_reference() -> dict:
+    return json.loads((DATA / "minilm_reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def nsfw_reference() -> dict:
+    return json.loads((DATA / "open_nsfw_reference.json").read_text())

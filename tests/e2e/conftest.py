@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from sif_local.gateway import LocalApiGateway
-from sif_local.stack import LocalStack
+from sif_emulator.gateway import LocalApiGateway
+from sif_emulator.stack import LocalStack
 
 
 @dataclass

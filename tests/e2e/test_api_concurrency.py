@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sif_local.gateway import LocalApiGateway
+from sif_emulator.gateway import LocalApiGateway
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import ApiClient

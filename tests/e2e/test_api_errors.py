@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sif_local.stack import LocalStack
+from sif_emulator.stack import LocalStack
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import ApiClient

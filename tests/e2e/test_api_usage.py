@@ -81,7 +81,7 @@ def test_tenants_see_only_their_own_usage(new_tenant: Callable[..., ApiClient]) 
 def test_sif_usage_cli_shows_the_callers_usage(
     new_tenant: Callable[..., ApiClient], api_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sif_local import cli
+    from sif_cli import main as cli
 
     client = new_tenant("usage-cli")
     client.embed(["one", "two"])

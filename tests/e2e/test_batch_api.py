@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import requests
 
-from sif_local import cli
-from sif_local.batch_executor import start_batch_executor
-from sif_local.pollers import start_pollers
-from sif_local.stack import LocalStack
+from sif_cli import main as cli
+from sif_emulator.batch import start_batch_executor
+from sif_emulator.pollers import start_pollers
+from sif_emulator.stack import LocalStack
 
 pytestmark = pytest.mark.e2e
 

@@ -27,8 +27,8 @@ from boto3.s3.transfer import TransferConfig
 
 from sif_core.filebatch import InboxFile
 from sif_core.work import TERMINAL, WorkStore
-from sif_local.pollers import start_pollers
-from sif_local.stack import LocalStack
+from sif_emulator.pollers import start_pollers
+from sif_emulator.stack import LocalStack
 from sif_metering.ledger import UsageLedger
 from sif_modelbuild.testimages import make_test_images
 
@@ -112,7 +112,7 @@ def inbox(local_stack: LocalStack) -> Iterator[Inbox]:
     original = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["VisibilityTimeout"])["Attributes"]
     sqs.set_queue_attributes(QueueUrl=queue, Attributes={"VisibilityTimeout": str(VISIBILITY_TIMEOUT_S)})
     pollers = start_pollers(local_stack, functions=["ScorerFunction"], timeouts={"ScorerFunction": SCORER_TIMEOUT_S})
-    from sif_local.batch_executor import start_batch_executor
+    from sif_emulator.batch import start_batch_executor
 
     executor = start_batch_executor(local_stack)
     try:
@@ -126,8 +126,8 @@ def inbox(local_stack: LocalStack) -> Iterator[Inbox]:
 
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from sif_emulator.stack import models_dir_from_env
     from sif_inference import LocalDirSource, ModelRegistry
-    from sif_local.stack import models_dir_from_env
 
     registry = ModelRegistry(LocalDirSource(models_dir_from_env()), tmp_path_factory.mktemp("fp32-cache"))
     return registry.embedder(MODEL, "fp32")

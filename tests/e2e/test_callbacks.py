@@ -33,13 +33,13 @@ from typing import Any
 import pytest
 import requests
 
+from sif_cli import main as cli
 from sif_core.announce import CallbackMessage, CallbackSender, WorkEvent
 from sif_core.callbacks import CallbackPolicy, deliver, signed_headers, system_resolver, tcp_connect, verify_signature
 from sif_core.tenants import callback_secret, hash_key
 from sif_core.work import WorkRecord, WorkStore
-from sif_local import cli
-from sif_local.pollers import sqs_record, start_pollers
-from sif_local.stack import LocalStack
+from sif_emulator.pollers import sqs_record, start_pollers
+from sif_emulator.stack import LocalStack
 
 pytestmark = [pytest.mark.e2e]
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import requests
 
-from sif_local.awsemu import free_port
-from sif_local.pollers import start_pollers
-from sif_local.stack import LocalStack
+from sif_emulator.moto_server import free_port
+from sif_emulator.pollers import start_pollers
+from sif_emulator.stack import LocalStack
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +138,7 @@ class _Caller:
 
 def _sif(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sif_local.cli", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sif_cli.main", *args], env=env, capture_output=True, text=True, timeout=600
     )
 
 

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import requests
 
+from sif_cli.main import main as sif
 from sif_core.callbacks import verify_signature
 from sif_core.settings import Settings
 from sif_core.tenants import callback_secret
 from sif_core.work import WorkRecord, WorkStore
-from sif_local.cli import main as sif
-from sif_local.stack import LocalStack, start_workers
+from sif_emulator.stack import LocalStack, start_workers
 from sif_metering.ledger import UsageLedger
 
 pytestmark = [pytest.mark.e2e]

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import requests
 
+from sif_cli import main as cli
 from sif_core.settings import Settings
 from sif_core.work import WorkRecord, WorkStore, new_id
-from sif_local import cli
-from sif_local.stack import LocalStack, start_workers
+from sif_emulator.stack import LocalStack, start_workers
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 import requests
 
-from sif_local.cli import main as sif
-from sif_local.stack import LocalStack
+from sif_cli.main import main as sif
+from sif_emulator.stack import LocalStack
 from tests import onnx_factory as factory
 from tests.e2e.conftest import ApiClient
 
@@ -195,7 +195,7 @@ def test_a_published_model_gives_onnxruntime_values_on_every_path(
 ) -> None:
     """predict, TF-Serving's :predict forms, KServe v2 infer, a CSV batch file and a job: the same values
     as onnxruntime run directly on the same rows."""
-    from sif_local.pollers import start_pollers
+    from sif_emulator.pollers import start_pollers
 
     name = "byom-paths"
     assert models("publish", str(built["tabular"]), "--name", name, capsys=capsys)[0] == 0

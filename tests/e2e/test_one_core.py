@@ -20,7 +20,7 @@ import requests
 
 from sif_core.filebatch import InboxFile
 from sif_core.work import TERMINAL, WorkStore
-from sif_local.stack import LocalStack, start_workers
+from sif_emulator.stack import LocalStack, start_workers
 from sif_metering.ledger import UsageLedger
 
 pytestmark = [pytest.mark.e2e]

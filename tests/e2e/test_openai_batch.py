@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from sif_core.work import TERMINAL
-from sif_local.stack import LocalStack, start_workers
+from sif_emulator.stack import LocalStack, start_workers
 
 pytestmark = pytest.mark.e2e
 

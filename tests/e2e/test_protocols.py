@@ -25,7 +25,7 @@ import openai
 import pytest
 import requests
 
-from sif_local.stack import LocalStack
+from sif_emulator.stack import LocalStack
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import ApiClient
@@ -395,7 +395,7 @@ def test_a_warm_function_follows_an_alias_move(caller: ApiClient, models: Models
 # ---------------------------------------------------------------------- jobs, batches and drops pin a version
 @pytest.fixture(scope="module")
 def workers(local_stack: LocalStack) -> Iterator[None]:
-    from sif_local.pollers import start_pollers
+    from sif_emulator.pollers import start_pollers
 
     pollers = start_pollers(local_stack, functions=["WorkerFunction", "ScorerFunction"])
     try:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from sif_local.awsemu import free_port
-from sif_local.stack import models_dir_from_env
+from sif_emulator.moto_server import free_port
+from sif_emulator.stack import models_dir_from_env
 
 pytestmark = pytest.mark.e2e
 
@@ -227,7 +227,7 @@ def test_readme_shell_blocks_run_in_order_against_a_fresh_stack(tmp_path: Path) 
     state = tmp_path / "state"
     up_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
     up_env.update({"SIF_API_PORT": str(free_port()), "SIF_AWS_PORT": str(free_port())})
-    sif = [sys.executable, "-m", "sif_local.cli"]
+    sif = [sys.executable, "-m", "sif_cli.main"]
     started = time.monotonic()
     up = subprocess.run(
         [*sif, "up", "--background", "--state-dir", str(state), "--models-dir", str(models_dir_from_env())],

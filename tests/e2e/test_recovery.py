@@ -27,8 +27,8 @@ import pytest
 from sif_core import keys
 from sif_core.filebatch import InboxFile
 from sif_core.work import TERMINAL, WorkRecord, WorkStore
-from sif_local.pollers import start_pollers
-from sif_local.stack import LocalStack
+from sif_emulator.pollers import start_pollers
+from sif_emulator.stack import LocalStack
 from sif_metering.ledger import UsageLedger
 
 pytestmark = pytest.mark.e2e

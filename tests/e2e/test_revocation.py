@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sif_authorizer.keys import CACHE_TTL_S
+from sif_cli import main as cli
 from sif_core import tenants
 from sif_core.filebatch import InboxFile
 from sif_core.work import TERMINAL, WorkStore
-from sif_local import cli
-from sif_local.pollers import start_pollers
-from sif_local.stack import LocalStack
+from sif_emulator.pollers import start_pollers
+from sif_emulator.stack import LocalStack
 from sif_metering.ledger import UsageLedger
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from sif_local.batch_executor import start_batch_executor
-from sif_local.pollers import start_pollers
-from sif_local.stack import LocalStack
+from sif_emulator.batch import start_batch_executor
+from sif_emulator.pollers import start_pollers
+from sif_emulator.stack import LocalStack
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def test_sif_score_bar_moves_by_rows_with_rate_and_eta_and_ends_at_100_when_done
     with path.open("w") as fh:
         for i in range(ROWS):
             fh.write(json.dumps({"id": f"r{i}", "text": f"review number {i}: the product works as described"}) + "\n")
-    argv = [sys.executable, "-m", "sif_local.cli", "score", str(path), "--model", MODEL]
+    argv = [sys.executable, "-m", "sif_cli.main", "score", str(path), "--model", MODEL]
     argv += ["--api-url", client.url, "--key", client.key, "--out", str(tmp_path / "out")]
     code, output = run_in_pty(argv, tmp_path, timeout_s=540)
     assert code == 0, output

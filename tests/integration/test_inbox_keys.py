@@ -18,7 +18,7 @@ from urllib.parse import quote_plus
 import pytest
 
 from sif_core.work import WorkStore
-from sif_local.stack import LocalStack
+from sif_emulator.stack import LocalStack
 from tests.integration.test_scorer_handler import MODEL, Context, import_scorer
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]

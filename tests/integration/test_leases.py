@@ -13,8 +13,8 @@ from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig
 from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyItemAlreadyExistsError
 
 from sif_core.leases import LeasedIdempotencyStore, MessageLease
-from sif_local.pollers import sqs_record
-from sif_local.stack import LocalStack
+from sif_emulator.pollers import sqs_record
+from sif_emulator.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+from sif_emulator.moto_server import AwsEmulator
 from sif_inference.versions import ModelIndex
-from sif_local.awsemu import AwsEmulator
 from sif_modelbuild import catalog
 from sif_modelbuild.publish import publish
 from sif_modelbuild.stores import S3Store

@@ -22,8 +22,8 @@ import pytest
 
 from sif_core.filebatch import InboxFile
 from sif_core.work import WorkStore
-from sif_local.pollers import sqs_record
-from sif_local.stack import LocalStack
+from sif_emulator.pollers import sqs_record
+from sif_emulator.stack import LocalStack
 from sif_metering.ledger import UsageLedger
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]

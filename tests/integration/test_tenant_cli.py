@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
+from sif_cli import main as cli
 from sif_core.tenants import list_tenants
-from sif_local import cli
-from sif_local.stack import LocalStack
+from sif_emulator.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

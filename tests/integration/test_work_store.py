@@ -20,7 +20,7 @@ from sif_core.work import (
     encode_cursor,
     upload_deadline,
 )
-from sif_local.stack import LocalStack
+from sif_emulator.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

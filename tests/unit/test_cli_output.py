@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sif_local import pip_progress, usage_cli
-from sif_local.score_cli import ProgressBar, count_rows
+from sif_cli import usage as usage_cli
+from sif_cli.score import ProgressBar, count_rows
+from sif_tools import pip_progress
 
 
 def test_rows_are_counted_as_the_scorer_reads_them(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Jobs without AWS: the message schema and its samples, inputs, bucket keys, callbacks and their signature,
-Batch state-change events and the local Batch executor's rules."""
+and Batch state-change events (the local Batch executor's rules: tests/emulator/test_batch_executor.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from sif_core.routing import GpuJobSpec
 from sif_core.rows import BytesSource, Row, open_rows
 from sif_core.settings import Settings
 from sif_inference.manifest import ModelManifest
-from sif_local.batch_executor import local_command, pattern_matches, resolve_command, retry_decision
 
 REPO = Path(__file__).resolve().parents[2]
 EVENTS = REPO / "events"
@@ -343,33 +342,3 @@ def test_batch_state_change_samples_parse() -> None:
     assert work == ("t_0123456789abcdef", "job", "j_9a8b7c6d5e4f3a2b1c0d")
     succeeded = BatchJobStateChange.model_validate(event("batch_job_state_change"))
     assert succeeded.detail.status == "SUCCEEDED"
-
-
-# ---------------------------------------------------------------------- the local Batch executor's rules
-def test_command_substitution_as_batch_does_it() -> None:
-    command = ["python", "-m", "sif_gpu_worker.entrypoint", "--spec", "Ref::spec"]
-    resolved = resolve_command(command, {"spec": "s3://r/k.json"})
-    assert resolved[-1] == "s3://r/k.json"
-    assert local_command(resolved, "/venv/bin/python")[0] == "/venv/bin/python"
-    assert local_command(["/bin/true"], "/venv/bin/python") == ["/bin/true"]
-
-
-def test_retry_strategy_like_the_template() -> None:
-    strategy = {
-        "attempts": 3,
-        "evaluateOnExit": [
-            {"onStatusReason": "Host EC2*", "action": "RETRY"},
-            {"onReason": "CannotPullContainerError*", "action": "RETRY"},
-            {"onReason": "*", "action": "EXIT"},
-        ],
-    }
-    assert retry_decision(strategy, 1, "Essential container in task exited", "Essential container") == "EXIT"
-    assert retry_decision(strategy, 137, "x", "Host EC2 (instance i-1) terminated.") == "RETRY"
-    assert retry_decision({"attempts": 2}, 1, "x", "x") == "RETRY"
-
-
-def test_event_patterns() -> None:
-    pattern = {"source": ["aws.batch"], "detail": {"status": ["FAILED"], "jobQueue": ["q"]}}
-    assert pattern_matches(pattern, {"source": "aws.batch", "detail": {"status": "FAILED", "jobQueue": "q", "x": 1}})
-    assert not pattern_matches(pattern, {"source": "aws.batch", "detail": {"status": "SUCCEEDED", "jobQueue": "q"}})
-    assert not pattern_matches(pattern, {"source": "aws.s3"})

@@ -5,7 +5,7 @@ environment's site-packages nor the editable install) imports the module named b
 with the function's environment from the template and, on sys.path in Lambda's order: its
 CodeUri; its layers laid out as `make package` builds them (layers/<name>/python/), the
 first-party ones as links to the sources, the third-party ones as links to exactly the
-distributions `make package` puts in them (same split: sif_local.package.assign_layers, this
+distributions `make package` puts in them (same split: sif_tools.package.assign_layers, this
 environment's versions); a stand-in for /var/runtime (boto3 and its dependencies); the stdlib.
 So an optional import (``try: import requests``) finds what Lambda would find.
 
@@ -36,8 +36,8 @@ from typing import Any
 import pytest
 from packaging.utils import canonicalize_name
 
-from sif_local import package as pkg
-from sif_local.template import Template
+from sif_tools import package as pkg
+from sif_tools.template import Template
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "template.yaml"

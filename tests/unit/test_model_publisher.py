@@ -16,9 +16,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from sif_cli import models as models_cli
 from sif_inference import LocalDirSource, ModelRegistry
 from sif_inference.manifest import TASK_NAMES
-from sif_local import models_cli
 from sif_modelbuild import catalog
 from sif_modelbuild import publish as publish_module
 from sif_modelbuild.errors import CatalogError, PublishError
@@ -288,7 +288,7 @@ def test_cli_task_names_are_the_manifests() -> None:
 
 
 def test_cli_on_a_folder(built: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sif_local.cli import main
+    from sif_cli.main import main
 
     where = ["--models-dir", str(tmp_path / "m")]
     assert main(["-q", "models", "publish", str(built["tensor"]), "--name", "cli-t", *where]) == 0

@@ -1,4 +1,4 @@
-"""`make package` (sif_local.package): dependency pruning, trimming, zips, size accounting.
+"""`make package` (sif_tools.package): dependency pruning, trimming, zips, size accounting.
 
 All but the last test work on fake trees and need no network. The last one builds the
 real runtime layers for *this* interpreter (the Lambda build targets 3.12, which cannot be
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from sif_local import package as pkg
+from sif_tools import package as pkg
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -50,7 +50,7 @@ _EXACT_DECIMALS = 12
 def format_vectors(vectors: np.ndarray, digits: int = DIGITS) -> list[str]:
     """Each row as a JSON array of floats with `digits` significant digits ("0.006385671", "-1.2e-05").
 
-    Measured (sif_local.bench_batch): ~100 us per 384-d row, ~4.4 KB; json.dumps of the raw
+    Measured (sif_bench.batch): ~100 us per 384-d row, ~4.4 KB; json.dumps of the raw
     float32-as-float64 values is ~2x slower and ~8.4 KB (17 digits of noise per float).
     """
     spec = f".{digits}g"

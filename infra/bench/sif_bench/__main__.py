@@ -1,0 +1,3 @@
+from sif_bench.run import main
+
+main()
