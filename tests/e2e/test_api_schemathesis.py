@@ -2,8 +2,11 @@
 
 Every operation gets its own examples (valid and invalid), and the routes with a model in the path
 run once per real model as well as with generated names, so most calls reach the models. Then
-schemathesis's own runner adds its deterministic phases: the schema's examples, and coverage (each
-boundary and each constraint broken once: lengths, counts, enums, types, missing fields, ...).
+schemathesis's own runner runs all its phases: the schema's examples, coverage (each boundary and each
+constraint broken once: lengths, counts, enums, types, missing fields, ...), fuzzing and stateful (the
+document's links), checking every answer against the document too: its status is one the operation
+documents, and its content type, headers and body are the documented ones. The document's own
+examples are valid requests the API accepts (Swagger's "Try it out" starts from them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ pytestmark = pytest.mark.e2e
 # Per operation and generation mode; the default keeps the run well under a minute
 # (SIF_FUZZ_EXAMPLES=300 digs deeper).
 EXAMPLES = int(os.environ.get("SIF_FUZZ_EXAMPLES", "25"))
+# schemathesis's checks: no 5xx, and every answer as the document says (status, content type, headers, body)
+CONFORMANCE = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,"
+    "response_headers_conformance,response_schema_conformance"
+)
 MODELS = ["all-minilm-l6-v2", "open-nsfw", None]  # None: generated names
 
 
@@ -87,24 +95,46 @@ def test_no_server_errors(api_url: str, new_tenant: Callable[..., ApiClient], mo
         assert statuses[("POST /v1/embeddings", 200)] + statuses[("POST /v1/models/{name}/predict", 200)] > 0
 
 
-@pytest.mark.parametrize("model", MODELS, ids=["minilm", "open-nsfw", "generated"])
-def test_examples_and_coverage_phases_find_no_server_errors(
-    api_url: str, new_tenant: Callable[..., ApiClient], tmp_path: Path, model: str | None
-) -> None:
-    fuzzer = new_tenant("schemathesis-coverage", monthly_calls=0)
+def schemathesis_run(
+    api_url: str, key: str, tmp_path: Path, *, phases: str, checks: str, model: str | None = None
+) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "schemathesis.toml"
     config.write_text(f'[parameters]\n"path.name" = "{model}"\n' if model else "")
     cli = Path(sys.executable).parent / "schemathesis"
     run = [str(cli), "--no-color", "--config-file", str(config), "run", api_url + "/openapi.json"]
+    run += ["--phases", phases, "--checks", checks, "--workers", "1", "--max-examples", str(EXAMPLES)]
+    run += ["-H", f"Authorization: Bearer {key}"]
+    return subprocess.run(run, capture_output=True, text=True, timeout=400, check=False, cwd=tmp_path)  # its cache too
+
+
+@pytest.mark.parametrize("model", MODELS, ids=["minilm", "open-nsfw", "generated"])
+def test_all_phases_find_no_server_error_and_no_schema_violation(
+    api_url: str, new_tenant: Callable[..., ApiClient], tmp_path: Path, model: str | None
+) -> None:
+    fuzzer = new_tenant("schemathesis-coverage", monthly_calls=0)
     # the stateful phase follows the document's links (create a job, batch or file, then read, cancel,
     # delete it); it does not depend on the model in the path, so it runs once
-    phases = "examples,coverage" if model else "examples,coverage,stateful"
-    run += ["--phases", phases, "--checks", "not_a_server_error", "--workers", "1"]
-    run += ["-H", f"Authorization: Bearer {fuzzer.key}"]
-    done = subprocess.run(run, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)  # its cache too
+    phases = "examples,coverage,fuzzing" if model else "examples,coverage,fuzzing,stateful"
+    done = schemathesis_run(api_url, fuzzer.key, tmp_path, phases=phases, checks=CONFORMANCE, model=model)
     summary = done.stdout[done.stdout.rfind("Test cases:") :]
     print(model, summary)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in summary and "failed" not in summary
     if model is None:  # the stateful phase did follow links (create -> read / cancel / delete)
         assert re.search(r"API Links:\s+[1-9]\d* covered", done.stdout), done.stdout[-3000:]
+
+
+def test_the_documents_examples_are_requests_the_api_accepts(
+    api_url: str, new_tenant: Callable[..., ApiClient], tmp_path: Path
+) -> None:
+    """Swagger's "Try it out" sends an operation's examples: each is accepted (2xx; a made-up id is the
+    documented 404), so a reader's first click works."""
+    fuzzer = new_tenant("schemathesis-examples", monthly_calls=0)
+    checks = "positive_data_acceptance," + CONFORMANCE
+    done = schemathesis_run(api_url, fuzzer.key, tmp_path, phases="examples", checks=checks)
+    summary = done.stdout[done.stdout.rfind("API Operations:") :]
+    print(summary)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    tested = re.search(r"Tested:\s+(\d+)", summary)
+    assert tested and int(tested.group(1)) >= 20, summary  # every operation with a parameter or a body
+    assert "failed" not in summary[summary.find("Test cases:") :]

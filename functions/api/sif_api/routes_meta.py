@@ -62,14 +62,38 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str]]] = {
 }
 
 
+# Each path parameter's example, so that Swagger's "Try it out" starts from a call that works: a model
+# that is always there, its first version, its `latest` alias. Ids come from a create (the links say
+# which); their examples have the right shape and, made up, answer the documented 404.
+PARAMETER_EXAMPLES: dict[str, str] = {
+    "name": "all-minilm-l6-v2",
+    "version": "1",
+    "label": "latest",
+    "job_id": "j_0123456789abcdef0123",
+    "batch_id": "b_0123456789abcdef0123",
+    "file_id": "file-0123456789abcdef01234567",
+}
+
+
 def finish_document(spec: dict[str, Any]) -> None:
     """What the generated document cannot know: a 422 is the API's one error body (powertools lists its
     own `{"detail": [...]}` shape, which this API never sends), and only where something can fail
-    validation (a parameter or a body); the links between a create and its reads."""
+    validation (a parameter or a body); a redirect's Location and no body; path parameters' examples;
+    the links between a create and its reads."""
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for operations in spec.get("paths", {}).values():
         for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter["name"] in PARAMETER_EXAMPLES:
+                    parameter.setdefault("example", PARAMETER_EXAMPLES[parameter["name"]])
             responses = operation.get("responses", {})
+            for status, response in responses.items():
+                if status.startswith("3"):  # a redirect has no body, only where to go
+                    response.pop("content", None)
+                    response.setdefault("headers", {})["Location"] = {
+                        "description": "where the content is (a presigned, expiring URL)",
+                        "schema": {"type": "string", "format": "uri"},
+                    }
             if operation.get("security") and "400" not in responses:  # keys that disagree (see sif_api.caller)
                 responses["400"] = {
                     "description": "bad request (e.g. a Bearer key and an x-api-key that disagree)",
