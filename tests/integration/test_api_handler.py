@@ -143,6 +143,9 @@ def test_openapi_says_what_the_api_sends(invoke: Invoke) -> None:
     # a redirect has a Location and no body (schemathesis' content-type check reads an empty 307 as a violation)
     redirect = paths["/v1/files/{file_id}/content"]["get"]["responses"]["307"]
     assert "content" not in redirect and redirect["headers"]["Location"]["schema"]["format"] == "uri"
+    # a 404 says what was not found: a model on the model routes, an id on the id routes
+    assert "unknown id" in paths["/v1/files/{file_id}/content"]["get"]["responses"]["404"]["description"]
+    assert "unknown model" in paths["/v1/models/{name}/predict"]["post"]["responses"]["404"]["description"]
 
 
 def test_models(invoke: Invoke) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
@@ -81,12 +82,14 @@ def finish_document(spec: dict[str, Any]) -> None:
     validation (a parameter or a body); a redirect's Location and no body; path parameters' examples;
     the links between a create and its reads."""
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    for operations in spec.get("paths", {}).values():
+    for path, operations in spec.get("paths", {}).items():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
                 if parameter.get("in") == "path" and parameter["name"] in PARAMETER_EXAMPLES:
                     parameter.setdefault("example", PARAMETER_EXAMPLES[parameter["name"]])
             responses = operation.get("responses", {})
+            if "404" in responses and re.search(r"\{(job|batch|file)_id\}", path):
+                responses["404"]["description"] = "unknown id: another tenant's job, batch or file is 404 too"
             for status, response in responses.items():
                 if status.startswith("3"):  # a redirect has no body, only where to go
                     response.pop("content", None)
