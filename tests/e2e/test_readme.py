@@ -163,6 +163,33 @@ def test_readme_examples_are_fenced_and_only_the_listed_blocks_are_skipped() -> 
         assert piece in runnable, f"CHECKS names a block with {piece!r}, and no README block has it"
 
 
+def test_every_python_name_the_docs_give_exists() -> None:
+    """`sif_x.module.name` in README.md, docs/ and events/README.md is importable (a renamed function or
+    module makes the docs wrong; the README once named a `publish_model` that did not exist)."""
+    import importlib
+
+    texts = [README, *sorted((REPO / "docs").glob("*.md")), REPO / "events" / "README.md"]
+    names = {m for path in texts for m in re.findall(r"\bsif_[a-z_]+(?:\.[A-Za-z_]+)+", path.read_text())}
+    assert len(names) >= 5
+    missing = []
+    for dotted in sorted(names):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(dotted)
+            break
+        else:
+            missing.append(dotted)
+    assert not missing, missing
+
+
 # ---------------------------------------------------------------------- running the README
 def _fresh_terminal_env(stack_json: Path) -> dict[str, str]:
     """The environment of a new terminal: no venv on PATH, no AWS_* or SIF_* settings."""
