@@ -37,6 +37,7 @@ NSFW = "open-nsfw"
 VERSIONED = "proto-minilm"  # versions 1 and 2, aliases `stable` (-> 1) and `canary` (1 and 2, 50/50)
 PRIVATE = "proto-private"  # private to the `owner` tenant
 TEXT = "A man is eating food."
+IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 CANARY_REQUESTS = int(os.environ.get("SIF_CANARY_REQUESTS", "1000"))
 
 
@@ -312,6 +313,24 @@ def test_v2_infer_on_raw_tensors_equals_onnxruntime(caller: ApiClient) -> None:
 
 
 # ---------------------------------------------------------------------- TF-Serving status and metadata
+def test_an_input_with_no_elements_is_a_400_and_the_function_stays_up(caller: ApiClient) -> None:
+    """An empty batch made onnxruntime abort the API function's process on the iris graph (a 502 and a cold
+    start); schemathesis' fuzzing found the numpy side of it (an axis of 4e34 next to one of 0)."""
+    iris = [{"name": f, "shape": [0, 1], "datatype": "FP32", "data": []} for f in IRIS_FEATURES]
+    cases = {
+        "iris-species": {"inputs": iris},
+        NSFW: {"inputs": [{"name": "input:0", "shape": [0, 224, 224, 3], "datatype": "FP32", "data": []}]},
+        MODEL: {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]},
+    }
+    for model, body in cases.items():
+        resp = caller.post(f"/v2/models/{model}/infer", body)
+        assert resp.status_code == 400 and "has no elements" in resp.json()["error"]["message"], (model, resp.text)
+    huge = {"name": "input:0", "shape": [39822791473485222057891929700433920, 0], "datatype": "FP32", "data": [[]]}
+    assert caller.post(f"/v2/models/{NSFW}/infer", {"inputs": [huge]}).status_code == 422
+    one = [{"name": f, "shape": [1, 1], "datatype": "FP32", "data": [1.0]} for f in IRIS_FEATURES]
+    assert caller.post("/v2/models/iris-species/infer", {"inputs": one}).status_code == 200
+
+
 def test_tf_serving_status_and_metadata(caller: ApiClient) -> None:
     status = caller.get(f"/v1/models/{NSFW}/versions/1").json()
     assert status == {

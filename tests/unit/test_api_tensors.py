@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from sif_api import tensors
 from sif_api.catalog import model_ref, one_variant
-from sif_api.schemas import V2RequestInput
+from sif_api.schemas import MAX_TENSOR_DIM, V2RequestInput
 from sif_inference.errors import BadInputError, BadModelRefError, InputLimitError
 from sif_inference.manifest import TensorSpec
 
@@ -45,6 +46,16 @@ def test_decode_refuses_data_that_does_not_fit(fields: dict, message: str) -> No
 def test_decode_bounds_the_elements() -> None:
     with pytest.raises(InputLimitError):
         tensors.decode(tensor(shape=[1 << 20, 1 << 20], data=[]))
+
+
+def test_an_axis_past_the_bound_is_refused_and_an_empty_tensor_decodes() -> None:
+    # schemathesis' fuzzing sent shape [4e34, 0]: 0 elements, and numpy's reshape overflowed (a 500)
+    with pytest.raises(ValidationError):
+        tensor(shape=[39822791473485222057891929700433920, 0], data=[])
+    # and an input with no elements is a 400: onnxruntime aborted the process on an empty iris batch (a 502)
+    for shape in ([MAX_TENSOR_DIM, 0], [0], [0, 4]):
+        with pytest.raises(BadInputError, match="has no elements"):
+            tensors.decode(tensor(shape=shape, data=[]))
 
 
 def test_graph_types_in_v2_and_tf_serving_names() -> None:

@@ -361,11 +361,14 @@ class V2ModelMetadata(BaseModel):
     )
 
 
+MAX_TENSOR_DIM = 2**31 - 1  # one axis's length (a longer one is a 422, not numpy's overflow)
+
+
 class V2RequestInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=256)
-    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_TENSOR_DIM)]] = Field(max_length=8)
     datatype: V2Datatype
     parameters: Parameters | None = None
     data: list[Any] = Field(description="the elements in row-major order (nested lists are flattened); BYTES: strings")

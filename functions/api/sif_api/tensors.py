@@ -112,6 +112,8 @@ def decode(tensor: V2RequestInput, max_elements: int | None = None) -> np.ndarra
     cap = min(max_elements or MAX_ELEMENTS, MAX_ELEMENTS)
     if count > cap:
         raise InputLimitError(f"input {name!r}: {count} elements; the limit is {cap}")
+    if count == 0:  # onnxruntime may abort the process on an empty batch (skl2onnx graphs do)
+        raise BadInputError(f"input {name!r}: shape {tensor.shape} has no elements; an input needs at least one")
     flat = flatten(tensor.data)
     if len(flat) != count:
         raise BadInputError(f"input {name!r}: shape {tensor.shape} has {count} elements, data has {len(flat)}")
@@ -122,7 +124,10 @@ def decode(tensor: V2RequestInput, max_elements: int | None = None) -> np.ndarra
         array = np.asarray(flat, dtype=V2_NUMPY[tensor.datatype])
     except (OverflowError, ValueError, TypeError) as exc:
         raise BadInputError(f"input {name!r}: a value does not fit {tensor.datatype}: {exc}") from exc
-    return array.reshape(tensor.shape)
+    try:
+        return array.reshape(tensor.shape)
+    except ValueError as exc:  # e.g. an axis numpy cannot index, with another of length 0
+        raise BadInputError(f"input {name!r}: shape {tensor.shape} cannot hold the data: {exc}") from exc
 
 
 def check_datatype(tensor: V2RequestInput, spec: TensorSpec) -> None:

@@ -100,6 +100,8 @@ def as_array(name: str, value: Any, spec: TensorSpec) -> np.ndarray:
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     except (ValueError, TypeError, RecursionError) as exc:
         raise BadInputError(f"tensor {name!r} is not a rectangular array (rows of different lengths?)") from exc
+    if arr.size == 0:  # onnxruntime may abort the whole process on an empty batch (skl2onnx graphs do)
+        raise BadInputError(f"tensor {name!r} has no elements (shape {list(arr.shape)})")
     kind = arr.dtype.kind
     what = _KINDS.get(kind, str(arr.dtype))
     if spec.dtype == "string":
