@@ -117,7 +117,12 @@ def hash_key(api_key: str) -> str:
 
 
 def new_api_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    """`sif_` and 43 URL-safe characters; the id (`key_id_of`) starts with a letter or a digit, so that it is
+    an argument on a command line, never an option (`sif tenant revoke-key T -5BiYFiR` was one)."""
+    while True:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        if key[len(KEY_PREFIX)].isalnum():
+            return key
 
 
 def key_id_of(api_key: str) -> str:

@@ -19,7 +19,16 @@ import pytest
 from sif_api.caller import Caller
 from sif_authorizer.keys import CACHE_TTL_S, TenantCache, api_key_from_headers
 from sif_core import tenants
-from sif_core.tenants import KeyCheck, check_key, find_tenant, hash_key, key_id_of, keys_disagree, profile_key
+from sif_core.tenants import (
+    KeyCheck,
+    check_key,
+    find_tenant,
+    hash_key,
+    key_id_of,
+    keys_disagree,
+    new_api_key,
+    profile_key,
+)
 from sif_emulator.gateway import policy_allows
 from sif_emulator.lambda_runtime import LambdaContext
 from sif_emulator.stack import LocalStack
@@ -226,6 +235,13 @@ def test_a_disabled_or_deleted_tenant_is_denied_403(
 
 
 # ---------------------------------------------------------------- operators' functions
+def test_key_ids_are_command_line_arguments_never_options() -> None:
+    # an id of `-5BiYFiR` made `sif tenant revoke-key T -5BiYFiR` an unknown option (the README test, once)
+    keys = [new_api_key() for _ in range(3000)]  # about 94 of them would start with - or _ otherwise
+    assert all(key_id_of(key)[0].isalnum() for key in keys)
+    assert all(len(key) == 47 and key.startswith("sif_") for key in keys) and len(set(keys)) == len(keys)
+
+
 def test_new_keys_have_a_public_id_and_a_status(local_stack: LocalStack) -> None:
     info, key = local_stack.create_tenant("unit-keys")
     item = local_stack.table("TenantsTable").get_item(Key={"key_hash": hash_key(key)})["Item"]

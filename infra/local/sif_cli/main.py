@@ -467,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tenant_sub.add_parser("revoke-key", help="revoke one key of a tenant")
     revoke.add_argument("tenant_id")
     revoke.add_argument(
-        "key", metavar="KEY_ID_OR_HASH_PREFIX", help="the key's id (8 characters after sif_), or a prefix of its sha256"
+        "key",
+        metavar="KEY_ID_OR_HASH_PREFIX",
+        help="the key's id (8 characters after sif_), or a prefix of its sha256 (an id from before ids began "
+        "with a letter or digit may start with '-': put `--` before it)",
     )
     revoke.set_defaults(func=cmd_tenant_admin)
     rotate = tenant_sub.add_parser("rotate-key", help="a new key for a tenant, the old one revoked (printed once)")
