@@ -35,8 +35,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sif_emulator.deployment import Deployment
-from sif_emulator.lambda_runtime import FunctionPool, WorkerSpec, lambda_vcpus
-from sif_tools.template import ApiRoute, AuthorizerSpec, FunctionSpec
+from sif_emulator.lambda_runtime import FunctionPool, function_worker_spec
+from sif_tools.template import ApiRoute, AuthorizerSpec
 
 log = logging.getLogger("sif_emulator.gateway")
 
@@ -148,7 +148,7 @@ class LocalApiGateway:
         for lid in sorted({r.function for r in self.routes} | authorizer_ids):
             fn = functions[lid]
             size = 2 if lid in authorizer_ids else api_max
-            spec = self._worker_spec(fn, stack.function_env(lid), pin=lid not in authorizer_ids)
+            spec = function_worker_spec(fn, stack.function_env(lid), self.log_dir, pin=lid not in authorizer_ids)
             self.pools[lid] = FunctionPool(spec, min_instances=size, max_instances=size)
         self._auth_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, Any]]] = {}
         self._auth_lock = threading.Lock()
@@ -194,26 +194,6 @@ class LocalApiGateway:
             raise PortInUseError(port, "API", "SIF_API_PORT") from exc
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self._thread: threading.Thread | None = None
-
-    def _worker_spec(self, fn: FunctionSpec, env: dict[str, str], *, pin: bool = True) -> WorkerSpec:
-        env = {
-            **env,
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_size),
-            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-            "AWS_EXECUTION_ENV": "AWS_Lambda_python_local",
-            "_HANDLER": fn.handler,
-        }
-        return WorkerSpec(
-            logical_id=fn.logical_id,
-            function_name=fn.name,
-            handler=fn.handler,
-            code_path=str(fn.code_path),
-            env=env,
-            memory_mb=fn.memory_size,
-            timeout_s=float(fn.timeout),
-            log_path=str(self.log_dir / f"{fn.logical_id}.log"),
-            vcpus=lambda_vcpus(fn.memory_size) if pin and hasattr(os, "sched_setaffinity") else None,
-        )
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> LocalApiGateway:

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the worker processes import this module: keep their imports light
+    from sif_tools.template import FunctionSpec
 
 log = logging.getLogger("sif_emulator.lambda_runtime")
 
@@ -69,6 +72,33 @@ class WorkerSpec:
     timeout_s: float
     log_path: str | None
     vcpus: int | None = None  # pin each instance to this many of the host's CPUs (None: all of them)
+
+
+def function_worker_spec(
+    fn: FunctionSpec, env: dict[str, str], log_dir: Path, *, timeout_s: float | None = None, pin: bool = False
+) -> WorkerSpec:
+    """A template function's instances as Lambda runs them: its environment plus Lambda's own variables, its
+    Timeout (or `timeout_s`), and with `pin` the vCPUs its MemorySize buys."""
+    timeout = float(timeout_s or fn.timeout)
+    env = {
+        **env,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_size),
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(timeout)),
+        "AWS_EXECUTION_ENV": "AWS_Lambda_python_local",
+        "_HANDLER": fn.handler,
+    }
+    return WorkerSpec(
+        logical_id=fn.logical_id,
+        function_name=fn.name,
+        handler=fn.handler,
+        code_path=str(fn.code_path),
+        env=env,
+        memory_mb=fn.memory_size,
+        timeout_s=timeout,
+        log_path=str(log_dir / f"{fn.logical_id}.log"),
+        vcpus=lambda_vcpus(fn.memory_size) if pin and hasattr(os, "sched_setaffinity") else None,
+    )
 
 
 def worker_main(fd: int) -> None:

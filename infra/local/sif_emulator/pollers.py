@@ -40,7 +40,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sif_emulator.deployment import Deployment
-from sif_emulator.lambda_runtime import FunctionFailedToStart, FunctionPool, WorkerSpec
+from sif_emulator.lambda_runtime import FunctionFailedToStart, FunctionPool, WorkerSpec, function_worker_spec
 from sif_tools.template import FunctionSpec, QueueSubscription
 
 log = logging.getLogger("sif_emulator.pollers")
@@ -57,24 +57,8 @@ def instance_count(default: int = 1) -> int:
 
 
 def worker_spec(stack: Deployment, fn: FunctionSpec, *, timeout_s: float | None = None) -> WorkerSpec:
-    env = {
-        **stack.function_env(fn.logical_id),
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fn.memory_size),
-        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-        "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(timeout_s or fn.timeout)),
-        "AWS_EXECUTION_ENV": "AWS_Lambda_python_local",
-        "_HANDLER": fn.handler,
-    }
-    return WorkerSpec(
-        logical_id=fn.logical_id,
-        function_name=fn.name,
-        handler=fn.handler,
-        code_path=str(fn.code_path),
-        env=env,
-        memory_mb=fn.memory_size,
-        timeout_s=float(timeout_s or fn.timeout),
-        log_path=str(Path(stack.state_dir) / "logs" / f"{fn.logical_id}.log"),
-    )
+    logs = Path(stack.state_dir) / "logs"
+    return function_worker_spec(fn, stack.function_env(fn.logical_id), logs, timeout_s=timeout_s)
 
 
 def sqs_record(message: dict[str, Any], queue_arn: str, region: str) -> dict[str, Any]:
