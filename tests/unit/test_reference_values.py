@@ -21,8 +21,9 @@ def test_int8_embeddings_stay_close_to_pytorch(registry, minilm_reference):
     result = registry.embedder("all-minilm-l6-v2").embed(minilm_reference["texts"])
     ref = np.array(minilm_reference["embeddings"], dtype=np.float32)
     cos = (result.vectors * ref).sum(1)
-    assert cos.min() >= 0.97, cos
-    assert cos.mean() >= 0.985, cos
+    # six texts, two of them short (short texts lose most); the build gates 1,000 texts at mean 0.995, p1 0.99
+    assert cos.min() >= 0.985, cos
+    assert cos.mean() >= 0.993, cos
 
 
 def test_embeddings_come_back_in_input_order_whatever_the_batching(registry, minilm_reference):
