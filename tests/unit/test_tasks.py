@@ -244,6 +244,9 @@ def test_round_significant_keeps_seven_digits_and_agrees_with_the_text_form():
     vectors[3, :4] = [33 / 256, 0.5, 1.2345675, 0.00012345675]  # exact and near decimal ties
     rounded = round_significant(vectors).tolist()
     assert rounded == [json.loads(line) for line in format_vectors(vectors)]
+    # the text is each value's format(x, ".7g"), whatever the row formatting does to be fast
+    assert format_vectors(vectors) == ["[" + ",".join(format(x, ".7g") for x in row) + "]" for row in vectors.tolist()]
+    assert format_vectors(np.zeros((0, 384), dtype=np.float32)) == []
     assert max(significant_digits(x) for row in rounded for x in row) <= 7
     np.testing.assert_allclose(np.array(rounded), vectors, rtol=5e-7)
 

@@ -188,7 +188,7 @@ def serialisation(rows: int = 2000) -> dict[str, Any]:
         "round_significant(7) + compact json.dumps": lambda: [
             json.dumps(v, separators=(",", ":")) for v in round_significant(vectors, 7).tolist()
         ],
-        "format_vectors: '.7g' joined (the scorer)": lambda: format_vectors(vectors, 7),
+        "format_vectors: one '%.7g' row format (the scorer)": lambda: format_vectors(vectors, 7),
         "fixed-point integers, 'e-8,'.join (unusual output)": lambda: [
             "[" + "e-8,".join(map(str, row)) + "e-8]"
             for row in np.rint(vectors.astype(np.float64) * 1e8).astype(np.int64).tolist()

@@ -50,11 +50,16 @@ _EXACT_DECIMALS = 12
 def format_vectors(vectors: np.ndarray, digits: int = DIGITS) -> list[str]:
     """Each row as a JSON array of floats with `digits` significant digits ("0.006385671", "-1.2e-05").
 
-    Measured (sif_bench.batch): ~100 us per 384-d row, ~4.4 KB; json.dumps of the raw
-    float32-as-float64 values is ~2x slower and ~8.4 KB (17 digits of noise per float).
+    One %-format string per call formats a whole row in one C call (the same text as
+    `format(x, ".7g")` per value, at about half the time). Measured (sif_bench.batch): ~65 us per
+    384-d row, ~4.4 KB; json.dumps of the raw float32-as-float64 values is ~4x slower and ~8.4 KB
+    (17 digits of noise per float).
     """
-    spec = f".{digits}g"
-    return ["[" + ",".join([format(x, spec) for x in row]) + "]" for row in vectors.tolist()]
+    rows = np.asarray(vectors).tolist()
+    if not rows:
+        return []
+    row_format = "[" + ",".join([f"%.{digits}g"] * len(rows[0])) + "]"
+    return [row_format % tuple(row) for row in rows]
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
