@@ -517,10 +517,12 @@ def test_a_token_output_without_pooling_is_refused_at_load(zoo):
 
 
 def test_minilm_embeddings_are_bitwise_onnxruntime_one_text_a_run(registry):
-    """The graph pools and normalises: the task serves its output as it is, one text per run."""
+    """The graph pools and normalises: the task serves its output as it is, one text per run, each row
+    in its place whichever thread ran it (19 texts: three hand-offs to the run threads, the last short)."""
     task = registry.task(MINILM, "fp32")
     assert type(task) is TextEmbedding and task.runner.head is None
     texts = ["The quick brown fox", "hello", "Le chat est assis sur le tapis.", "x " * 400]
+    texts += [f"sentence number {i} of a longer call" + " and more" * i for i in range(15)]
     got = task.predict(texts, strict=True).predictions
     manifest = registry.manifest(MINILM)
     session = build_session(registry.read_verified(manifest, manifest.variant_file("fp32")), threads=1)
