@@ -25,6 +25,7 @@ import openai
 import pytest
 import requests
 
+from sif_core.settings import Settings
 from sif_emulator.stack import LocalStack
 
 if TYPE_CHECKING:
@@ -409,6 +410,9 @@ def test_a_warm_function_follows_an_alias_move(caller: ApiClient, models: Models
         print(f"alias stable 1 -> 2 followed by every warm instance in {time.monotonic() - moved:.1f} s")
     finally:
         models.set_aliases(VERSIONED, {"stable": {"1": 1}, "canary": {"1": 50, "2": 50}})
+        # An instance that read `stable` -> 2 keeps it for up to the index TTL; the tests after this one
+        # (a batch pinned on `stable`) must see 1 on every instance, whichever one the gateway picks.
+        time.sleep(Settings.model_fields["model_index_ttl_s"].default + 1)
 
 
 # ---------------------------------------------------------------------- jobs, batches and drops pin a version
