@@ -142,7 +142,11 @@ class FileBatches:
             "output_prefix": file.output_prefix,
             "details": details,
         }
-        self.s.store.update(file.tenant, "batch", file.batch_id, **fields)
+        if not self.s.store.update(file.tenant, "batch", file.batch_id, unless=("cancelled", "expired"), **fields):
+            # cancelled (or expired) since it was read: that stands, and this upload is not scored
+            ended = self.s.store.get(file.tenant, "batch", file.batch_id)
+            assert ended is not None
+            return ended
         return record.model_copy(update=fields)
 
     def work(self, file: InboxFile, record: WorkRecord) -> Work:

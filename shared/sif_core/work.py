@@ -18,6 +18,7 @@ import builtins
 import re
 import secrets
 import time
+from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -178,8 +179,18 @@ class WorkStore:
         item = self.table.get_item(Key=self.key(tenant, kind, id_), ConsistentRead=True).get("Item")
         return None if item is None else _record(item)
 
-    def update(self, tenant: str, kind: Kind, id_: str, *, only_if_not_terminal: bool = False, **fields: Any) -> bool:
-        """Set fields; with only_if_not_terminal, a finished record is left alone (returns False)."""
+    def update(
+        self,
+        tenant: str,
+        kind: Kind,
+        id_: str,
+        *,
+        only_if_not_terminal: bool = False,
+        unless: Collection[str] = (),
+        **fields: Any,
+    ) -> bool:
+        """Set fields; a record whose status is in `unless` (all the terminal ones with only_if_not_terminal)
+        is left alone, in the same conditional write (returns False)."""
         fields["updated_at"] = time.time()
         names = {f"#{k}": k for k in fields}
         values = {f":{k}": _to_ddb(v) for k, v in fields.items()}
@@ -190,8 +201,9 @@ class WorkStore:
             "ExpressionAttributeValues": values,
         }
         condition = Attr("pk").exists()
-        if only_if_not_terminal:
-            condition = condition & ~Attr("status").is_in(sorted(TERMINAL))
+        blocked = set(unless) | (TERMINAL if only_if_not_terminal else set())
+        if blocked:
+            condition = condition & ~Attr("status").is_in(sorted(blocked))
         kwargs["ConditionExpression"] = condition
         try:
             self.table.update_item(**kwargs)

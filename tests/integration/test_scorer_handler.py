@@ -270,3 +270,34 @@ def test_a_file_replaced_between_segments_is_dropped_and_never_billed(
     assert scorer.lambda_handler(s3_event(load_event, new), Context()) == {"batchItemFailures": []}
     record = store.get(tenant, "batch", new.batch_id)
     assert record is not None and (record.status, record.rows) == ("succeeded", 3)
+
+
+def test_a_cancel_while_the_upload_arrives_is_kept_and_nothing_is_scored(
+    scorer: ModuleType,
+    load_event: Callable[..., Any],
+    local_stack: LocalStack,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An API batch cancelled between the scorer reading its record and setting it to this upload stays
+    cancelled (it once went back to queued, then ran to succeeded)."""
+    from sif_core.work import WorkRecord
+
+    file = put(local_stack, tenant, "cancel-race.jsonl", rows(3))
+    store = WorkStore(local_stack.table("WorkTable"))
+    waiting = WorkRecord(id=file.batch_id, kind="batch", tenant=tenant, model=MODEL, details={"origin": "api"})
+    store.create(waiting)  # an API batch waiting for its upload: no etag yet
+    ensure = scorer.batches.lc.ensure
+
+    def read_then_cancelled(record: WorkRecord) -> WorkRecord:
+        stale = ensure(record)
+        assert store.cancel(tenant, "batch", file.batch_id).status == "cancelled"  # the caller cancels now
+        return stale
+
+    monkeypatch.setattr(scorer.batches.lc, "ensure", read_then_cancelled)
+    assert scorer.lambda_handler(s3_event(load_event, file), Context()) == {"batchItemFailures": []}
+    record = store.get(tenant, "batch", file.batch_id)
+    assert record is not None and (record.status, record.rows, record.succeeded) == ("cancelled", 0, 0)
+    assert "routed" not in record.details
+    s3, results = local_stack.client("s3"), local_stack.bucket("results")
+    assert s3.list_objects_v2(Bucket=results, Prefix=file.output_prefix).get("KeyCount", 0) == 0

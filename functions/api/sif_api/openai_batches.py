@@ -359,7 +359,7 @@ class OpenAIBatches:
         except ClientError as exc:
             logger.exception("could not stage the batch's requests", extra={"batch_id": batch_id})
             error = "its requests could not be staged; create the batch again"
-            self.store.update(tenant, "batch", batch_id, status="failed", error=error)
+            self.store.update(tenant, "batch", batch_id, only_if_not_terminal=True, status="failed", error=error)
             raise StagingError("the batch could not be started; try again") from exc
         logger.info(
             "openai batch created",

@@ -217,7 +217,14 @@ class JobsApi:
         except ClientError as exc:
             logger.exception("could not enqueue job", extra={"job_id": job_id})
             api.release(caller, metering_id("job", job_id))
-            self.store.update(tenant, "job", job_id, status="failed", error="could not be queued; submit it again")
+            self.store.update(
+                tenant,
+                "job",
+                job_id,
+                only_if_not_terminal=True,
+                status="failed",
+                error="could not be queued; submit it again",
+            )
             raise JobEnqueueError("the job could not be queued; try again") from exc
         logger.info("job queued", extra={"job_id": job_id, "tenant": tenant, "route": route, "items": items})
         return CreateJobResponse(id=job_id, route=route)
