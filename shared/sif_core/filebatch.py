@@ -43,6 +43,8 @@ log = logging.getLogger("sif.filebatch")
 
 NotAnInboxFileError = keys.KeyFormatError
 SUPERSEDED = "superseded"
+# A batch in one of these stays so whatever is uploaded after: an upload never takes it back.
+CLOSED = ("cancelled", "expired")
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class FileBatches:
         SourceChangedError: the record names another upload and this one is not the object's current
         version (a late event or hand-off of a superseded upload never takes the record back)."""
         record = self.lc.ensure(self.new_record(file))
-        if record.details.get("etag") == file.etag or record.status in ("cancelled", "expired"):
+        if record.details.get("etag") == file.etag or record.status in CLOSED:
             return record
         still_current(S3Object(self.s.s3, file.bucket, file.key, file.etag))
         # An upload to an API batch (or new content put again through its URL): this content's batch now.
@@ -142,7 +144,7 @@ class FileBatches:
             "output_prefix": file.output_prefix,
             "details": details,
         }
-        if not self.s.store.update(file.tenant, "batch", file.batch_id, unless=("cancelled", "expired"), **fields):
+        if not self.s.store.update(file.tenant, "batch", file.batch_id, unless=CLOSED, **fields):
             # cancelled (or expired) since it was read: that stands, and this upload is not scored
             ended = self.s.store.get(file.tenant, "batch", file.batch_id)
             assert ended is not None
@@ -185,9 +187,7 @@ class FileBatches:
 
     # ------------------------------------------------------------ arrival
     def _finished(self, file: InboxFile, record: WorkRecord) -> bool:
-        return record.status in TERMINAL and (
-            record.details.get("etag") == file.etag or record.status in ("cancelled", "expired")
-        )
+        return record.status in TERMINAL and (record.details.get("etag") == file.etag or record.status in CLOSED)
 
     def accept(self, file: InboxFile, record: WorkRecord, manifest: ModelManifest) -> tuple[Route, int] | Outcome:
         """Estimate, check the model's limit, reserve the quota, route: (route, rows) or the failed outcome."""
