@@ -21,9 +21,13 @@ def test_int8_embeddings_stay_close_to_pytorch(registry, minilm_reference):
     result = registry.embedder("all-minilm-l6-v2").embed(minilm_reference["texts"])
     ref = np.array(minilm_reference["embeddings"], dtype=np.float32)
     cos = (result.vectors * ref).sum(1)
-    # six texts, two of them short (short texts lose most); the build gates 1,000 texts at mean 0.995, p1 0.99
-    assert cos.min() >= 0.985, cos
-    assert cos.mean() >= 0.993, cos
+    # The build gates 1,000 natural texts at mean 0.995, p1 0.99. Here: five natural texts, two of
+    # them short (short texts lose most), and one word repeated up to the 256-token limit, the worst
+    # case (7-bit weights, exact on every x86 CPU: 0.9884 for "hello", 0.9728 for the repeated word).
+    natural, repeated = cos[:5], cos[5]
+    assert natural.min() >= 0.985, cos
+    assert natural.mean() >= 0.993, cos
+    assert repeated >= 0.97, cos
 
 
 def test_embeddings_come_back_in_input_order_whatever_the_batching(registry, minilm_reference):
