@@ -82,15 +82,22 @@ class ModelRegistry:
         cached = self._indexes.get(name)
         ttl = self.index_ttl_s if max_age_s is None else min(self.index_ttl_s, max_age_s)
         if cached is None or now - cached[0] >= ttl:
+            # Two round trips, overlapped (a cold start waits on both): the index in a thread of its own.
+            index_read: Future[ModelIndex | None] = Future()
+            threading.Thread(target=self._read_index, args=(name, index_read), daemon=True).start()
             versions = self.source.list_versions(name)
-            try:
-                index = self.source.read_index(name)
-            except ValueError:  # an unreadable index: versions still serve, `latest` is the highest
-                logger.exception("unreadable model index %s; ignoring its aliases", name)
-                index = None
-            cached = (now, versions, index)
+            cached = (now, versions, index_read.result())
             self._indexes[name] = cached
         return cached[1], cached[2]
+
+    def _read_index(self, name: str, into: Future[ModelIndex | None]) -> None:
+        try:
+            into.set_result(self.source.read_index(name))
+        except ValueError:  # an unreadable index: versions still serve, `latest` is the highest
+            logger.exception("unreadable model index %s; ignoring its aliases", name)
+            into.set_result(None)
+        except Exception as exc:  # noqa: BLE001 - re-raised to versions(), in the caller's thread
+            into.set_exception(exc)
 
     def resolve(self, ref: str, *, routing_key: str | None = None, tenant: str | None = None) -> ModelManifest:
         """The manifest `ref` (`name`, `name@version`, `name@alias`) means for this request.
