@@ -108,8 +108,9 @@ def quantize_int8(fp32: Path, out: Path, work: Path, calibration: list[dict[str,
     # 7-bit weights (reduce_range): on x86 without VNNI (AVX2) onnxruntime multiplies u8 activations by
     # s8 weights with VPMADDUBSW, whose int16 pair sums saturate at full 8-bit range, so the vectors
     # depended on the CPU (AVX2: mean/p1 cosine 0.9958/0.9923, AVX512-VNNI: 0.9979/0.9962). With 7-bit
-    # weights no pair sum can saturate (255 * 63 * 2 < 32767): the integer products are exact on every
-    # x86 CPU, the same kernels run (VNNI keeps its speed), and AVX2 measures 0.9967/0.9938.
+    # weights (in [-64, 64]) no pair sum can saturate (255 * 64 * 2 < 32767): the integer products are
+    # exact on every x86 CPU (tests/unit/test_int8_exact.py; 8-bit weights were off by up to 738,132 in an
+    # int32 sum there), the same kernels run (VNNI keeps its speed), and AVX2 measures 0.9967/0.9938.
     quantize_dynamic(str(smoothed), str(out), per_channel=True, reduce_range=REDUCE_RANGE, weight_type=QuantType.QInt8)
     return count
 
