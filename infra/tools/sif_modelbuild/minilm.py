@@ -110,8 +110,9 @@ def quantize_int8(fp32: Path, out: Path, work: Path, calibration: list[dict[str,
     # depended on the CPU (AVX2: mean/p1 cosine 0.9958/0.9923, AVX512-VNNI: 0.9979/0.9962). With 7-bit
     # weights (in [-64, 64]) no pair sum can saturate (255 * 64 * 2 < 32767): the integer products are
     # exact on every x86 CPU (tests/unit/test_int8_exact.py checks it; with 8-bit weights the same check
-    # was off by up to 738,132 in an int32 sum on AVX2), and AVX2 measures 0.9967/0.9938. The kernels stay the u8 x s8 ones (VNNI's
-    # fast path; not measured here); on AVX2, 7-bit ran at 0.95x of 8-bit in one paired run.
+    # was off by up to 738,132 in an int32 sum on AVX2), and AVX2 measures 0.9967/0.9938. The kernels
+    # stay the u8 x s8 ones (VNNI's fast path; not measured here); on AVX2, 7-bit ran at 0.95x of 8-bit
+    # in one paired run.
     # u8 weights (a u8 x u8 kernel, also exact) gave 0.9983/0.9968 but 0.9x of 8-bit's speed on AVX2.
     quantize_dynamic(str(smoothed), str(out), per_channel=True, reduce_range=REDUCE_RANGE, weight_type=QuantType.QInt8)
     return count
