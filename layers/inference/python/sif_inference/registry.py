@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sif_inference.embedder import TextEmbedder
 from sif_inference.errors import IntegrityError, ModelNotFoundError, WrongTaskError
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 # How long a warm process trusts what it read of a model's versions and aliases.
 INDEX_TTL_S = 30.0
 # A version or alias named explicitly and not (yet) known re-reads the model's index once it is this
@@ -36,6 +37,20 @@ INDEX_TTL_S = 30.0
 MISS_REFRESH_S = 2.0
 # Tasks whose models take texts: a tokenizer, and on CPU one text per single-threaded run.
 TEXT_TASKS = ("embedding", "text-classification")
+
+
+def _in_background(name: str, work: Callable[[], T]) -> Future[T]:
+    """`work()` in a daemon thread of its own; its result, or its exception, in the Future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except Exception as exc:  # noqa: BLE001 - re-raised to whoever reads the Future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 @dataclass(frozen=True)
@@ -83,21 +98,18 @@ class ModelRegistry:
         ttl = self.index_ttl_s if max_age_s is None else min(self.index_ttl_s, max_age_s)
         if cached is None or now - cached[0] >= ttl:
             # Two round trips, overlapped (a cold start waits on both): the index in a thread of its own.
-            index_read: Future[ModelIndex | None] = Future()
-            threading.Thread(target=self._read_index, args=(name, index_read), daemon=True).start()
+            index_read = _in_background(f"index-{name}", lambda: self._read_index(name))
             versions = self.source.list_versions(name)
             cached = (now, versions, index_read.result())
             self._indexes[name] = cached
         return cached[1], cached[2]
 
-    def _read_index(self, name: str, into: Future[ModelIndex | None]) -> None:
+    def _read_index(self, name: str) -> ModelIndex | None:
         try:
-            into.set_result(self.source.read_index(name))
+            return self.source.read_index(name)
         except ValueError:  # an unreadable index: versions still serve, `latest` is the highest
             logger.exception("unreadable model index %s; ignoring its aliases", name)
-            into.set_result(None)
-        except Exception as exc:  # noqa: BLE001 - re-raised to versions(), in the caller's thread
-            into.set_exception(exc)
+            return None
 
     def resolve(self, ref: str, *, routing_key: str | None = None, tenant: str | None = None) -> ModelManifest:
         """The manifest `ref` (`name`, `name@version`, `name@alias`) means for this request.
@@ -172,16 +184,9 @@ class ModelRegistry:
         key = (manifest.name, manifest.version, variant or manifest.default_variant)
         if key in self._loaded or key in self._prefetched:
             return
-        future: Future[dict[str, bytes]] = Future()
-        self._prefetched[key] = future
-
-        def fetch() -> None:
-            try:
-                future.set_result({f: self.read_verified(manifest, f) for f in manifest.files_for(key[2])})
-            except Exception as exc:  # noqa: BLE001 - re-raised to whoever calls get()
-                future.set_exception(exc)
-
-        threading.Thread(target=fetch, name=f"prefetch-{name}", daemon=True).start()
+        self._prefetched[key] = _in_background(
+            f"prefetch-{name}", lambda: {f: self.read_verified(manifest, f) for f in manifest.files_for(key[2])}
+        )
 
     def task(
         self,
